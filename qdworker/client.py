@@ -1,0 +1,242 @@
+"""Submitting and cancelling jobs from an application: :class:`Queue`.
+
+The same code works under trio and asyncio (anyio)::
+
+    async with qdworker.Queue(dsn) as queue:
+        job = await queue.submit_job(type="sendEmail", data={"to": "a@b.c"}, tag="email:42")
+        jobs = await queue.submit_jobs([{"type": "resize", "data": {"id": 1}}])  # one round trip
+        await queue.submit_job(type="audit", connection=conn)  # inside the caller's transaction
+
+Input is validated before anything is written (:class:`~qdworker.errors.InvalidJobError`).
+A :class:`Queue` owns one connection and runs one statement at a time; pass ``connection=`` to
+use one of the caller's own (a psycopg ``Connection`` or, under asyncio, ``AsyncConnection``),
+so the job exists only if the caller's transaction commits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Literal
+
+import psycopg
+from psycopg.rows import dict_row
+
+from .db import statements
+from .db.connection import Connection, connect, run_sync
+from .errors import DatabaseError, InvalidJobError
+from .model import USER_FIELDS, Job
+from .schedule import backoff as backoff_rules
+from .schedule import cron
+
+__all__ = ["CancelOutcome", "Queue", "prepare_job"]
+
+CancelOutcome = Literal["cancelled", "cancelling", "finished", "not_found"]
+
+#: Longest tag, type and cron schedule (the CHECK constraints agree).
+MAX_NAME_CHARS = 255
+#: Largest ``data`` accepted through the API, as JSON.
+MAX_DATA_BYTES = 1024 * 1024
+#: Most jobs in one ``submit_jobs`` call (one statement).
+MAX_BATCH = 100_000
+
+_INT_FIELDS = ("user_id", "auto_reschedule_on_failure_delay", "remove_delay")
+_BOOL_FIELDS = ("auto_reschedule_on_failure", "persistent")
+
+
+def _name(fields: Mapping[str, Any], key: str, required: bool) -> str | None:
+    value = fields.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_CHARS:
+        raise InvalidJobError(f"{key} must be a non-empty string of at most {MAX_NAME_CHARS} characters")
+    return value
+
+
+def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate one job's fields; return the JSON-ready dict ``insert_jobs`` takes.
+
+    Raises :class:`InvalidJobError` naming the first bad field. ``due`` may be an aware
+    ``datetime`` (absolute), a ``timedelta`` or a number of seconds (relative to the database
+    clock), or ``None`` (now).
+    """
+    unknown = set(fields) - set(USER_FIELDS)
+    if unknown:
+        raise InvalidJobError(
+            f"unknown job field(s) {sorted(unknown)}; accepted: {', '.join(USER_FIELDS)}"
+        )
+    out: dict[str, Any] = {"type": _name(fields, "type", True)}
+    tag = _name(fields, "tag", False)
+    if tag is not None:
+        out["tag"] = tag
+    data = fields.get("data")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise InvalidJobError(f"data must be a JSON object (a dict), not {type(data).__name__}")
+    try:
+        encoded = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidJobError(f"data is not JSON-serialisable: {exc}") from None
+    if len(encoded) > MAX_DATA_BYTES:
+        raise InvalidJobError(f"data is {len(encoded)} bytes as JSON; the limit is {MAX_DATA_BYTES}")
+    out["data"] = data
+    for key in _INT_FIELDS:
+        value = fields.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidJobError(f"{key} must be an integer >= 0")
+        out[key] = value
+    for key in _BOOL_FIELDS:
+        value = fields.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, bool):
+            raise InvalidJobError(f"{key} must be true or false")
+        out[key] = value
+    due = fields.get("due")
+    if isinstance(due, datetime):
+        if due.tzinfo is None:
+            raise InvalidJobError("due must be a timezone-aware datetime")
+        out["due"] = due.isoformat()
+    elif isinstance(due, timedelta):
+        out["delay_ms"] = due.total_seconds() * 1000
+    elif isinstance(due, int | float) and not isinstance(due, bool) and math.isfinite(due):
+        out["delay_ms"] = float(due) * 1000
+    elif due is not None:
+        raise InvalidJobError("due must be a datetime, a timedelta or a number of seconds")
+    schedule = fields.get("cron_schedule")
+    if schedule is not None:
+        if not isinstance(schedule, str):
+            raise InvalidJobError("cron_schedule must be a string")
+        try:
+            out["cron_schedule"] = cron.validate(schedule)
+        except ValueError as exc:
+            raise InvalidJobError(str(exc)) from None
+    max_attempts = fields.get("max_attempts")
+    if max_attempts is not None:
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise InvalidJobError("max_attempts must be an integer >= 1 (or None: unlimited)")
+        out["max_attempts"] = max_attempts
+    backoff = fields.get("backoff")
+    if backoff is not None:
+        if backoff not in backoff_rules.BACKOFFS:
+            raise InvalidJobError(f"backoff must be one of {', '.join(backoff_rules.BACKOFFS)}")
+        out["backoff"] = backoff
+    timeout = fields.get("timeout_seconds")
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise InvalidJobError("timeout_seconds must be a number > 0")
+        out["timeout_seconds"] = float(timeout)
+    return out
+
+
+def _jobs(rows: list[dict[str, Any]]) -> list[Job]:
+    return [Job.from_row(row) for row in sorted(rows, key=lambda r: int(r["id"]))]
+
+
+class Queue:
+    """A client of one qdworker database. Use as an async context manager (or :meth:`open` /
+    :meth:`aclose`). ``dsn`` defaults to ``DATABASE_URL`` or the running embedded server."""
+
+    def __init__(self, dsn: str | None = None) -> None:
+        self._dsn = dsn
+        self._conn: Connection | None = None
+
+    async def open(self) -> Queue:
+        if self._conn is None:
+            dsn = self._dsn or _default_dsn()
+            self._conn = await connect(dsn, application_name="qdworker-client")
+        return self
+
+    async def aclose(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.aclose()
+
+    async def __aenter__(self) -> Queue:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def submit_job(self, *, connection: Any = None, **fields: Any) -> Job:
+        """Insert one job; return it as stored (with its id). See :func:`prepare_job`."""
+        return (await self._insert([prepare_job(fields)], connection))[0]
+
+    async def submit_jobs(
+        self, jobs: Iterable[Mapping[str, Any]], *, connection: Any = None
+    ) -> list[Job]:
+        """Insert many jobs in one statement; return them in the order given."""
+        prepared = [prepare_job(fields) for fields in jobs]
+        if len(prepared) > MAX_BATCH:
+            raise InvalidJobError(f"submit_jobs takes at most {MAX_BATCH} jobs per call")
+        if not prepared:
+            return []
+        return await self._insert(prepared, connection)
+
+    async def get_job(self, job_id: int) -> Job | None:
+        rows = await self._execute(statements.get("get_job"), {"id": job_id}, None)
+        return Job.from_row(rows[0]) if rows else None
+
+    async def cancel_job(self, job_id: int, reason: str | None = None) -> CancelOutcome:
+        """Cancel a job: ``'cancelled'`` (was pending), ``'cancelling'`` (running: its worker
+        cancels the handler within a second), ``'finished'`` (no-op) or ``'not_found'``."""
+        rows = await self._execute(
+            statements.get("cancel_job"), {"id": job_id, "reason": reason}, None
+        )
+        outcome: CancelOutcome = rows[0]["outcome"]
+        return outcome
+
+    async def _insert(self, prepared: list[dict[str, Any]], connection: Any) -> list[Job]:
+        rows = await self._execute(
+            statements.get("insert_jobs"), {"jobs": json.dumps(prepared)}, connection
+        )
+        return _jobs(rows)
+
+    async def _execute(
+        self, query: str, params: Mapping[str, Any], connection: Any
+    ) -> list[dict[str, Any]]:
+        if connection is None:
+            if self._conn is None:
+                raise RuntimeError("Queue is not open: use 'async with Queue(...) as queue'")
+            return await self._conn.execute(query, params)
+        if isinstance(connection, psycopg.AsyncConnection):
+            try:
+                async with connection.cursor(row_factory=dict_row) as cur:
+                    await cur.execute(query, params)  # type: ignore[arg-type]
+                    return await cur.fetchall()
+            except psycopg.Error as exc:
+                raise DatabaseError(str(exc).strip(), sqlstate=exc.sqlstate) from exc
+        if isinstance(connection, psycopg.Connection):
+
+            def call() -> list[dict[str, Any]]:
+                with connection.cursor(row_factory=dict_row) as cur:
+                    cur.execute(query, params)
+                    return cur.fetchall()
+
+            return await run_sync(connection, call)
+        raise TypeError("connection must be a psycopg Connection or AsyncConnection")
+
+
+def _default_dsn() -> str:
+    from . import config as config_module
+    from .db import embedded
+
+    settings = config_module.load()
+    if settings.database_url:
+        return settings.database_url
+    url = embedded.url_for(settings.data_dir)
+    if url is None:
+        raise DatabaseError(
+            f"DATABASE_URL is not set and no embedded Postgres runs in {settings.data_dir}: "
+            "start 'python -m qdworker' first, or set DATABASE_URL"
+        )
+    return url
+

@@ -1,0 +1,265 @@
+"""The frozen configuration: the only place that reads the environment.
+
+Every setting has one environment variable (QuickDapp's names where QuickDapp has the
+setting, ``QDWORKER_*`` otherwise) and one command-line flag; a flag overrides the
+variable. :func:`load` validates everything at once and raises :class:`~qdworker.errors.ConfigError`
+with one line naming the variable and the accepted values for the first bad one.
+
+The table :data:`SETTINGS` drives parsing, the CLI's ``--help`` and the README's table, so a
+setting is declared exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import zoneinfo
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+__all__ = ["LOG_LEVELS", "SETTINGS", "Config", "Setting", "load"]
+
+#: QuickDapp's log levels, mapped to Python's (``trace`` is below ``debug``).
+LOG_LEVELS: Mapping[str, int] = {"trace": 5, "debug": 10, "info": 20, "warn": 30, "error": 40}
+
+DEFAULT_WS_PORT = 8765
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise ValueError
+        return value
+
+    parse.__doc__ = f"an integer >= {minimum}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    """a number > 0 (seconds)"""
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _worker_count(text: str) -> int:
+    """an integer >= 0, or 'cpus' (one per CPU)"""
+    if text.strip().lower() == "cpus":
+        return os.cpu_count() or 1
+    return _int_at_least(0)(text)
+
+
+def _log_level(text: str) -> str:
+    """one of trace, debug, info, warn, error"""
+    level = text.strip().lower()
+    level = "warn" if level == "warning" else level
+    if level not in LOG_LEVELS:
+        raise ValueError
+    return level
+
+
+def _bool(text: str) -> bool:
+    """true/false, 1/0, yes/no, on/off"""
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError
+
+
+def _text(text: str) -> str:
+    """a non-empty string"""
+    if not text.strip():
+        raise ValueError
+    return text.strip()
+
+
+def _optional_text(text: str) -> str | None:
+    """a string (empty means unset)"""
+    return text or None
+
+
+def _list(text: str) -> tuple[str, ...]:
+    """a comma-separated list"""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _path(text: str) -> Path:
+    """a folder path"""
+    if not text.strip():
+        raise ValueError
+    return Path(text).expanduser()
+
+
+def _log_format(text: str) -> str:
+    """text or json"""
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError
+    return value
+
+
+def _timezone(text: str) -> str:
+    """an IANA time zone name such as UTC or Europe/Berlin"""
+    try:
+        zoneinfo.ZoneInfo(text.strip())
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError from exc
+    return text.strip()
+
+
+def _port(text: str) -> int:
+    """a TCP port 0-65535 (0 picks a free one)"""
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise ValueError
+    return value
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration entry: its field, environment variable, flag, parser and help."""
+
+    field: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def accepted(self) -> str:
+        return (self.parse.__doc__ or "a valid value").strip()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("database_url", "DATABASE_URL", _optional_text, None,
+            "Postgres URL; unset: start the embedded Postgres in the data dir"),
+    Setting("worker_count", "WORKER_COUNT", _worker_count, 1,
+            "worker processes ('cpus' = one per CPU, 0 = none)"),
+    Setting("worker_log_level", "WORKER_LOG_LEVEL", _log_level, "info",
+            "log level of worker processes"),
+    Setting("log_level", "LOG_LEVEL", _log_level, "info", "log level of the supervisor"),
+    Setting("log_format", "QDWORKER_LOG_FORMAT", _log_format, "text", "log line format"),
+    Setting("jobs", "QDWORKER_JOBS", _list, (),
+            "modules to import in every worker (their @job types are registered)"),
+    Setting("data_dir", "QDWORKER_DATA_DIR", _path, Path(".qdworker"),
+            "data folder of the embedded Postgres"),
+    Setting("migrate", "QDWORKER_MIGRATE", _bool, True,
+            "apply migrations when the supervisor starts"),
+    Setting("concurrency", "QDWORKER_CONCURRENCY", _int_at_least(1), 10,
+            "jobs run at once by each worker process"),
+    Setting("poll_interval", "QDWORKER_POLL_INTERVAL", _positive_float, 5.0,
+            "seconds between safety-net polls when no NOTIFY arrives"),
+    Setting("lease_seconds", "QDWORKER_LEASE_SECONDS", _positive_float, 30.0,
+            "lease of a running job; renewed while its worker lives"),
+    Setting("shutdown_timeout", "QDWORKER_SHUTDOWN_TIMEOUT", _positive_float, 30.0,
+            "seconds running jobs get to finish on SIGINT/SIGTERM"),
+    Setting("max_lost_runs", "QDWORKER_MAX_LOST_RUNS", _int_at_least(1), 3,
+            "runs of a job lost with their worker before it fails, when it has no max_attempts"),
+    Setting("timezone", "QDWORKER_TIMEZONE", _timezone, "UTC", "time zone of cron schedules"),
+    Setting("ws_enabled", "QDWORKER_WS", _bool, True, "run the websocket server"),
+    Setting("ws_host", "QDWORKER_WS_HOST", _text, "127.0.0.1", "websocket server address"),
+    Setting("ws_port", "QDWORKER_WS_PORT", _port, DEFAULT_WS_PORT,
+            "websocket server port (0 = any free port, logged)"),
+    Setting("ws_secret", "QDWORKER_WS_SECRET", _optional_text, None,
+            "HS256 secret of websocket tokens; unset = development mode (loopback, all admin)"),
+    Setting("ws_origins", "QDWORKER_WS_ORIGINS", _list, (),
+            "allowed Origin headers of websocket clients (empty = any)"),
+    Setting("ws_max_total_connections", "SOCKET_MAX_TOTAL_CONNECTIONS", _int_at_least(1), 10000,
+            "websocket connections in all"),
+    Setting("ws_max_connections_per_user", "SOCKET_MAX_CONNECTIONS_PER_USER", _int_at_least(1), 5,
+            "websocket connections per user"),
+)
+
+_BY_FIELD = {s.field: s for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of a qdworker process. Build it with :func:`load`; never mutate it.
+
+    ``repr()`` hides the database URL's password and the websocket secret.
+    """
+
+    database_url: str | None = None
+    worker_count: int = 1
+    worker_log_level: str = "info"
+    log_level: str = "info"
+    log_format: str = "text"
+    jobs: tuple[str, ...] = ()
+    data_dir: Path = Path(".qdworker")
+    migrate: bool = True
+    concurrency: int = 10
+    poll_interval: float = 5.0
+    lease_seconds: float = 30.0
+    shutdown_timeout: float = 30.0
+    max_lost_runs: int = 3
+    timezone: str = "UTC"
+    ws_enabled: bool = True
+    ws_host: str = "127.0.0.1"
+    ws_port: int = DEFAULT_WS_PORT
+    ws_secret: str | None = field(default=None, repr=False)
+    ws_origins: tuple[str, ...] = ()
+    ws_max_total_connections: int = 10000
+    ws_max_connections_per_user: int = 5
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied (values already parsed)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment variables that reproduce this config (for child processes)."""
+        env: dict[str, str] = {}
+        for setting in SETTINGS:
+            value = getattr(self, setting.field)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                env[setting.env] = ",".join(value)
+            elif isinstance(value, bool):
+                env[setting.env] = "true" if value else "false"
+            else:
+                env[setting.env] = str(value)
+        return env
+
+
+def load(
+    environ: Mapping[str, str] | None = None, overrides: Mapping[str, str | None] | None = None
+) -> Config:
+    """Build a :class:`Config` from ``environ`` (default ``os.environ``) and raw ``overrides``.
+
+    ``overrides`` maps field names to unparsed strings (command-line flags); ``None`` values are
+    ignored. Raises :class:`ConfigError` naming the variable (or flag) on the first bad value.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw: str | None = None
+        source = setting.env
+        if overrides is not None and overrides.get(setting.field) is not None:
+            raw, source = overrides[setting.field], setting.flag
+        elif setting.env in env:
+            raw = env[setting.env]
+        if raw is None:
+            continue
+        try:
+            values[setting.field] = setting.parse(raw)
+        except ValueError:
+            raise ConfigError(
+                f"{source}={raw!r} is invalid: expected {setting.accepted}"
+            ) from None
+    unknown = set(overrides or ()) - set(_BY_FIELD)
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    return Config(**values)

@@ -1,0 +1,1 @@
+"""When jobs run: cron ticks and retry delays."""

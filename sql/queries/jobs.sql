@@ -1,0 +1,27 @@
+-- Submitting, reading and cancelling jobs (client API).
+
+-- name: insert_jobs
+-- One round trip for any number of jobs: a JSON array of objects with the user fields
+-- (plus delay_ms, a due time relative to the database clock). Defaults match plain SQL inserts.
+INSERT INTO worker_jobs (
+    tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
+    auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
+    timeout_seconds)
+SELECT j.tag, j.type, coalesce(j.user_id, 0), coalesce(j.data, '{}'::jsonb),
+       coalesce(j.due, now() + coalesce(j.delay_ms, 0) * interval '1 millisecond'),
+       j.cron_schedule, coalesce(j.auto_reschedule_on_failure, false),
+       coalesce(j.auto_reschedule_on_failure_delay, 0), coalesce(j.remove_delay, 0),
+       coalesce(j.persistent, false), j.max_attempts, coalesce(j.backoff, 'fixed'),
+       j.timeout_seconds
+  FROM jsonb_to_recordset(%(jobs)s::jsonb) AS j(
+       tag text, type text, user_id bigint, data jsonb, due timestamptz, delay_ms double precision,
+       cron_schedule text, auto_reschedule_on_failure boolean,
+       auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
+       max_attempts integer, backoff text, timeout_seconds double precision)
+RETURNING *
+
+-- name: get_job
+SELECT * FROM worker_jobs WHERE id = %(id)s
+
+-- name: cancel_job
+SELECT qdworker_cancel_job(%(id)s, %(reason)s) AS outcome

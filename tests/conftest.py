@@ -1,0 +1,104 @@
+"""Test session: one real Postgres, one freshly migrated database per test.
+
+The session starts the embedded Postgres (or uses ``QDWORKER_TEST_DATABASE_URL``), migrates a
+template database once, and gives each test its own clone (``CREATE DATABASE … TEMPLATE``),
+dropped afterwards. Async fixtures are function-scoped (pytest-trio).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+TEMPLATE_DB = "qdworker_test_template"
+DATA_DIR = Path(os.environ.get("QDWORKER_TEST_DATA_DIR", "/tmp/qdworker-test-pg"))
+
+
+def _admin(url: str) -> psycopg.Connection:
+    return psycopg.connect(url, autocommit=True)
+
+
+def with_dbname(url: str, dbname: str) -> str:
+    return make_conninfo(url, dbname=dbname)
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> Iterator[str]:
+    """URL of the server's maintenance database (``postgres``)."""
+    url = os.environ.get("QDWORKER_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    from qdworker.db import embedded
+
+    server = embedded.start(DATA_DIR)
+    try:
+        yield server.url
+    finally:
+        embedded.stop(server)
+
+
+@pytest.fixture(scope="session")
+def template_url(pg_server_url: str) -> str:
+    """A database with the schema applied (migrated once per session)."""
+    import trio
+
+    from qdworker.db import connection, migrate
+
+    with _admin(pg_server_url) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {TEMPLATE_DB}")
+    url = with_dbname(pg_server_url, TEMPLATE_DB)
+
+    async def setup() -> None:
+        conn = await connection.connect(url)
+        try:
+            await migrate.apply(conn)
+        finally:
+            await conn.aclose()
+
+    trio.run(setup)
+    return url
+
+
+@pytest.fixture
+def db_url(pg_server_url: str, template_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test only."""
+    name = f"qdworker_test_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_server_url) as admin:
+        admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB} STRATEGY FILE_COPY")
+    try:
+        yield with_dbname(pg_server_url, name)
+    finally:
+        with _admin(pg_server_url) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def empty_db_url(pg_server_url: str) -> Iterator[str]:
+    """A fresh database with no schema at all."""
+    name = f"qdworker_empty_{uuid.uuid4().hex[:12]}"
+    with _admin(pg_server_url) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield with_dbname(pg_server_url, name)
+    finally:
+        with _admin(pg_server_url) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def sql(db_url: str) -> Iterator[psycopg.Connection]:
+    """A plain autocommit psycopg connection to the test database (for SQL-side checks)."""
+    with psycopg.connect(db_url, autocommit=True, row_factory=psycopg.rows.dict_row) as conn:
+        yield conn
+
+
+def dbname_of(url: str) -> str:
+    return str(conninfo_to_dict(url).get("dbname"))
