@@ -19,6 +19,8 @@ from .errors import (
     TokenError,
 )
 from .model import Job
+from .registry import job
+from .worker.context import JobContext
 
 __version__ = "0.1.0"
 
@@ -29,10 +31,12 @@ __all__ = [
     "EmbeddedDatabaseError",
     "InvalidJobError",
     "Job",
+    "JobContext",
     "JobTypeError",
     "MigrationError",
     "QdworkerError",
     "Queue",
     "TokenError",
     "__version__",
+    "job",
 ]

@@ -45,6 +45,7 @@ class Job:
     backoff: str
     timeout_seconds: float | None
     claims: int
+    lost_runs: int
     lease_owner: str | None
     lease_expires_at: datetime | None
     cancel_requested_at: datetime | None

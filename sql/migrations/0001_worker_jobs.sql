@@ -28,6 +28,7 @@ CREATE TABLE worker_jobs (
     backoff                           text        NOT NULL DEFAULT 'fixed',
     timeout_seconds                   double precision,                    -- NULL: the job type's timeout
     claims                            integer     NOT NULL DEFAULT 0,      -- fencing token: +1 per claim
+    lost_runs                         integer     NOT NULL DEFAULT 0,      -- runs lost with their worker
     lease_owner                       text,                                -- worker id while running
     lease_expires_at                  timestamptz,                         -- renewed while running
     cancel_requested_at               timestamptz,                         -- cancel_job() on a running job

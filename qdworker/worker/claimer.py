@@ -1,0 +1,136 @@
+"""Claim due jobs in batches sized to free capacity, and sleep until there may be more.
+
+Each claim takes up to ``free`` due rows in due order with ``FOR UPDATE SKIP LOCKED`` (two
+workers never get the same row) and leases them. When it gets fewer than it asked for, the
+queue is drained for now, and the same thread hop asks when the next pending job is due (or a
+foreign lease expires); the claimer then sleeps until a NOTIFY, that moment, or the poll
+interval, whichever comes first. So a job due in 2 s starts on time, and a lost notification
+delays a job by at most the poll interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import trio
+
+from ..db import statements
+from ..db.connection import Connection, connect, is_transient
+from ..model import Job
+from .wakeup import Wakeup
+
+__all__ = ["Claimer", "ClaimerStatistics"]
+
+logger = logging.getLogger(__name__)
+
+RETRY_MIN_SECONDS = 0.1
+RETRY_MAX_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class ClaimerStatistics:
+    claims: int
+    claimed: int
+    lost_reclaimed: int
+    next_due_in: float | None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    job: Job
+    lost: bool  # the previous run of this row was lost with its worker
+
+
+class Claimer:
+    """Owns the claim connection. ``free()`` says how many jobs may be taken now;
+    ``spawn(claimed)`` starts one; ``wake`` is set by NOTIFY, freed slots and shutdown."""
+
+    def __init__(
+        self, url: str, owner: str, lease_seconds: float, poll_interval: float, wake: Wakeup,
+        free: Callable[[], int], spawn: Callable[[Claimed], None], stopping: trio.Event,
+    ) -> None:
+        self._url = url
+        self._owner = owner
+        self._lease = lease_seconds
+        self._poll = poll_interval
+        self._wake = wake
+        self._free = free
+        self._spawn = spawn
+        self._stopping = stopping
+        self._conn: Connection | None = None
+        self.clock_offset = 0.0  # database clock minus local clock, seconds
+        #: The last claim was full: more jobs may be due, so a freed slot should claim again.
+        self.backlog = False
+        self._claims = self._claimed = self._lost = 0
+        self._next_due_in: float | None = None
+
+    def statistics(self) -> ClaimerStatistics:
+        return ClaimerStatistics(self._claims, self._claimed, self._lost, self._next_due_in)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Claim until ``stopping`` is set. Database errors are logged and retried."""
+        self._conn = await connect(self._url, application_name="qdworker-claim")
+        task_status.started()
+        delay = RETRY_MIN_SECONDS
+        try:
+            while not self._stopping.is_set():
+                free = self._free()
+                if free <= 0:
+                    await self._wake.wait_until(math.inf)
+                    continue
+                try:
+                    rows, wait = await self._claim(free)
+                    delay = RETRY_MIN_SECONDS
+                except Exception as exc:
+                    if not is_transient(exc):
+                        logger.exception("claiming failed")
+                    else:
+                        logger.warning("claiming failed (%s); retrying", exc)
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX_SECONDS)
+                    if self._conn.closed:
+                        self._conn = await connect(self._url, application_name="qdworker-claim")
+                    continue
+                for claimed in rows:
+                    self._spawn(claimed)
+                if wait is not None:
+                    await self._wake.wait_until(trio.current_time() + wait)
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._conn.aclose()
+
+    async def _claim(self, limit: int) -> tuple[list[Claimed], float | None]:
+        """Claim up to ``limit`` jobs. Returns them and, if the queue looked drained, how long
+        to sleep before looking again."""
+        assert self._conn is not None
+        params = {"limit": limit, "owner": self._owner, "lease_seconds": self._lease}
+
+        def claim(conn: psycopg.Connection[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+            rows = conn.execute(statements.get("claim"), params).fetchall()
+            if len(rows) >= limit:
+                return rows, None
+            before = time.time()
+            nxt = conn.execute(statements.get("next_wakeup"), {"owner": self._owner}).fetchone()
+            if nxt is not None:
+                nxt["local"] = (before + time.time()) / 2
+            return rows, nxt
+
+        rows, nxt = await self._conn.run(claim)
+        self.backlog = nxt is None
+        self._claims += 1
+        self._claimed += len(rows)
+        claimed = [Claimed(Job.from_row(row), bool(row["lost"])) for row in rows]
+        self._lost += sum(c.lost for c in claimed)
+        if nxt is None:
+            return claimed, None
+        self.clock_offset = float(nxt["db_epoch"]) - float(nxt["local"])
+        seconds = nxt["seconds"]
+        self._next_due_in = None if seconds is None else max(0.0, float(seconds))
+        wait = self._poll if self._next_due_in is None else min(self._poll, self._next_due_in)
+        return claimed, wait

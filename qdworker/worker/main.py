@@ -1,0 +1,318 @@
+"""The worker child process: ``python -m qdworker.worker`` (started by the supervisor).
+
+It reads the same configuration as the supervisor (environment), its id from
+``QDWORKER_WORKER_ID`` and its IPC socket from the fd in ``QDWORKER_IPC_FD``, imports the job
+modules, and runs :class:`Worker` until told to stop:
+
+* first SIGTERM/SIGINT: stop claiming; running jobs get ``QDWORKER_SHUTDOWN_TIMEOUT`` seconds,
+  then they are cancelled and released (pending again at once); exit 0;
+* second signal, or the supervisor's end of the socket closing (it died): cancel and release
+  at once; exit 0 within about a second;
+* a handler that blocks the process past its timeout: exit :data:`~.leases.EXIT_STUCK`.
+
+A start-up failure (bad job module, database unreachable) exits with status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from .. import config as config_module
+from .. import registry
+from ..db.connection import redact
+from ..errors import QdworkerError
+from .claimer import Claimed, Claimer
+from .completer import Completer
+from .context import JobContext, JobDatabase
+from .leases import LeaseKeeper
+from .listener import Listener
+from .outbox import Outbox
+from .outcome import Outcome, job_event
+from .runner import Run, error_result, run_job
+from .wakeup import Wakeup
+
+__all__ = ["EXIT_STARTUP", "Worker", "WorkerStatistics", "main"]
+
+logger = logging.getLogger(__name__)
+job_logger = logging.getLogger("qdworker.job")
+
+EXIT_STARTUP = 2
+HEARTBEAT_SECONDS = 1.0
+#: Seconds a released run may take to unwind after cancellation (e.g. an abandoned thread).
+RELEASE_GRACE_SECONDS = 1.0
+#: Outcomes waiting to be written before the claimer pauses (backpressure).
+MAX_UNWRITTEN = 2000
+
+
+@dataclass(frozen=True)
+class WorkerStatistics:
+    worker_id: str
+    running: int
+    completed: int
+    failed: int
+    claimed: int
+    unwritten: int
+
+
+class Worker:
+    """One worker: owns its connections (claim, complete, listen, leases, job SQL) and runs."""
+
+    def __init__(self, cfg: config_module.Config, worker_id: str, url: str, outbox: Outbox) -> None:
+        self.cfg = cfg
+        self.worker_id = worker_id
+        self.url = url
+        self.outbox = outbox
+        self.runs: dict[int, Run] = {}
+        self.wake = Wakeup()
+        self.stop_claiming = trio.Event()
+        self.immediate = trio.Event()
+        self.exit_code = 0
+        self._unwritten = 0
+        self._completed = 0
+        self._failed = 0
+        self.db = JobDatabase(url, cfg.concurrency)
+        self.completer = Completer(url, outbox, cfg.timezone, lambda: self.claimer.clock_offset, self._written)
+        self.claimer = Claimer(
+            url, worker_id, cfg.lease_seconds, cfg.poll_interval, self.wake, self._free,
+            self._spawn, self.stop_claiming,
+        )
+        self.listener = Listener(url, self.wake, self.cancel_run)
+        self._jobs: trio.Nursery | None = None
+
+    def statistics(self) -> WorkerStatistics:
+        return WorkerStatistics(self.worker_id, len(self.runs), self._completed, self._failed,
+                                self.claimer.statistics().claimed, self._unwritten)
+
+    # -- slots -------------------------------------------------------------------------------
+    def _free(self) -> int:
+        if self._unwritten >= MAX_UNWRITTEN:
+            return 0
+        return self.cfg.concurrency - len(self.runs)
+
+    def _written(self, outcome: Outcome) -> None:
+        self._unwritten -= 1
+        if outcome.ending == "succeeded":
+            self._completed += 1
+        elif outcome.ending != "release":
+            self._failed += 1
+        if self._unwritten == MAX_UNWRITTEN - 1 and self.claimer.backlog:
+            self.wake.set()
+
+    def _finished(self, outcome: Outcome) -> None:
+        del self.runs[outcome.job.id]
+        self._unwritten += 1
+        self.completer.submit(outcome)
+        if self.claimer.backlog or self.stop_claiming.is_set():
+            self.wake.set()
+
+    def _spawn(self, claimed: Claimed) -> None:
+        job = claimed.job
+        if claimed.lost and self._lost_too_often(job):
+            limit = job.max_attempts if job.max_attempts is not None else self.cfg.max_lost_runs
+            reason = (f"the worker running this job was lost {job.lost_runs} time(s) "
+                      f"(crashed or killed); giving up after {limit} attempt(s)")
+            self._unwritten += 1
+            self.completer.submit(Outcome(job, "failed", error_result(reason, "WorkerLost"), retry=False))
+            return
+        if claimed.lost:
+            logger.warning("job %d (%s): previous run was lost with its worker; running again "
+                           "(attempt %d)", job.id, job.type, job.attempt,
+                           extra={"job_id": job.id, "job_type": job.type})
+        run = Run(job)
+        self.runs[job.id] = run
+        assert self._jobs is not None
+        self._jobs.start_soon(self._run_one, run, name=f"job {job.id}")
+
+    def _lost_too_often(self, job: Any) -> bool:
+        if job.max_attempts is not None:
+            return bool(job.attempt > job.max_attempts)
+        return bool(job.lost_runs > self.cfg.max_lost_runs)
+
+    async def _run_one(self, run: Run) -> None:
+        job = run.job
+        log = logging.LoggerAdapter(job_logger, {"job_id": job.id, "job_type": job.type})
+        ctx = JobContext(job, log, self.db, self.outbox, self.worker_id)
+        self.outbox.event(job_event("started", job))
+        outcome = await run_job(run, ctx)
+        if run.thread_done is not None and not run.thread_done.is_set():
+            self._watch_abandoned_thread(run)
+        self._finished(outcome)
+
+    def _watch_abandoned_thread(self, run: Run) -> None:
+        async def watch() -> None:
+            await trio.sleep(RELEASE_GRACE_SECONDS * 3)
+            if run.thread_done is not None and not run.thread_done.is_set():
+                logger.error("job %d (%s): its handler thread ignores cancellation; replacing "
+                             "this worker process", run.job.id, run.job.type,
+                             extra={"job_id": run.job.id, "job_type": run.job.type})
+                from .leases import EXIT_STUCK
+
+                self.exit_code = EXIT_STUCK
+                self.stop_claiming.set()
+                self.immediate.set()
+                self.wake.set()
+
+        assert self._jobs is not None
+        self._jobs.start_soon(watch)
+
+    # -- control -----------------------------------------------------------------------------
+    def cancel_run(self, job_id: int, reason: str = "cancelled by request") -> None:
+        run = self.runs.get(job_id)
+        if run is not None:
+            logger.info("job %d (%s): cancelling (%s)", job_id, run.job.type, reason,
+                        extra={"job_id": job_id, "job_type": run.job.type})
+            run.cancel(reason)
+
+    def request_stop(self, immediate: bool = False) -> None:
+        self.stop_claiming.set()
+        self.wake.set()
+        if immediate:
+            self.immediate.set()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                immediate = self.stop_claiming.is_set()
+                logger.info("%s: %s", signal.Signals(signum).name,
+                            "cancelling running jobs now" if immediate else "finishing running jobs")
+                self.request_stop(immediate)
+
+    async def _supervisor_gone(self) -> None:
+        await self.outbox.watch_eof()
+        logger.warning("the supervisor is gone: releasing jobs and exiting")
+        self.request_stop(immediate=True)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            stats = self.statistics()
+            await self.outbox.send({"kind": "heartbeat", "running": stats.running,
+                                    "completed": stats.completed, "failed": stats.failed,
+                                    "claimed": stats.claimed})
+            await trio.sleep(HEARTBEAT_SECONDS)
+
+    async def _drain(self) -> None:
+        """After claiming stopped: let runs finish, then release what is left."""
+        with trio.move_on_after(self.cfg.shutdown_timeout):
+            async with trio.open_nursery() as race:
+                async def until_empty() -> None:
+                    while self.runs:
+                        await self.wake.wait_until(math.inf)
+                    race.cancel_scope.cancel()
+
+                async def until_immediate() -> None:
+                    await self.immediate.wait()
+                    race.cancel_scope.cancel()
+
+                race.start_soon(until_empty)
+                race.start_soon(until_immediate)
+        for run in list(self.runs.values()):
+            run.release()
+        with trio.move_on_after(RELEASE_GRACE_SECONDS):
+            while self.runs:
+                await self.wake.wait_until(math.inf)
+        with trio.move_on_after(RELEASE_GRACE_SECONDS * 2):
+            await self.completer.wait_idle()
+
+    async def run(self) -> int:
+        """Run until stopped; return the exit status."""
+        keeper = LeaseKeeper(self.url, self.worker_id, self.cfg.lease_seconds,
+                             lambda: list(self.runs.values()), self.cancel_run)
+        async with trio.open_nursery() as services:
+            await services.start(self.outbox.run)
+            services.start_soon(self._signals)
+            services.start_soon(self._supervisor_gone)
+            await services.start(self.completer.run)
+            await services.start(self.listener.run)
+            keeper.start()
+            services.start_soon(keeper.tick)
+            maybe_asyncio = _asyncio_loop_if_needed()
+            async with maybe_asyncio, trio.open_nursery() as jobs:
+                self._jobs = jobs
+                await jobs.start(self.claimer.run)
+                await self.outbox.send({"kind": "worker-started", "worker_id": self.worker_id,
+                                        "pid": os.getpid()})
+                services.start_soon(self._heartbeat)
+                logger.info("worker %s ready (concurrency %d)", self.worker_id, self.cfg.concurrency)
+                await self.stop_claiming.wait()
+                await self._drain()
+                jobs.cancel_scope.cancel()
+            keeper.stop()
+            with trio.move_on_after(1.0):
+                await self.outbox.send({"kind": "worker-shutdown", "worker_id": self.worker_id,
+                                        "exit_code": self.exit_code})
+            await self.db.aclose()
+            services.cancel_scope.cancel()
+        return self.exit_code
+
+
+class _NoLoop:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+def _asyncio_loop_if_needed() -> Any:
+    """A trio-asyncio loop for the worker's lifetime, if any job type needs one."""
+    if any(t.runtime == "asyncio" for t in registry.registered().values()):
+        import trio_asyncio
+
+        return trio_asyncio.open_loop()
+    return _NoLoop()
+
+
+def _setup_logging(cfg: config_module.Config, worker_id: str) -> None:
+    try:
+        from .. import logs
+    except ImportError:
+        logging.basicConfig(level=config_module.LOG_LEVELS[cfg.worker_log_level],
+                            format=f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s")
+        return
+    logs.setup(cfg.worker_log_level, cfg.log_format, worker_id)
+
+
+def main() -> None:
+    """Entry point of a worker child. Exits with the worker's status."""
+    worker_id = os.environ.get("QDWORKER_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        cfg = config_module.load()
+    except QdworkerError as exc:
+        print(f"qdworker worker: {exc}", file=sys.stderr)
+        sys.exit(EXIT_STARTUP)
+    _setup_logging(cfg, worker_id)
+    if not cfg.database_url:
+        logger.error("DATABASE_URL is not set (the supervisor passes it to its workers)")
+        sys.exit(EXIT_STARTUP)
+    try:
+        from ..jobs import builtin  # noqa: F401  (registers the built-in job types)
+
+        registry.import_modules(cfg.jobs)
+    except Exception:
+        logger.exception("cannot import job modules %s", ",".join(cfg.jobs))
+        sys.exit(EXIT_STARTUP)
+    stream = None
+    if "QDWORKER_IPC_FD" in os.environ:
+        from ..supervisor import ipc
+
+        async def open_and_run() -> int:
+            outbox = Outbox(ipc.child_stream_from_env())
+            return await Worker(cfg, worker_id, cfg.database_url or "", outbox).run()
+    else:
+        async def open_and_run() -> int:
+            return await Worker(cfg, worker_id, cfg.database_url or "", Outbox(stream)).run()
+    try:
+        code = trio.run(open_and_run)
+    except Exception:
+        logger.exception("worker %s failed (database %s)", worker_id, redact(cfg.database_url))
+        code = EXIT_STARTUP
+    sys.exit(code)

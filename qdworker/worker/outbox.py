@@ -1,0 +1,119 @@
+"""The child's side of IPC: messages and job events to the supervisor, bounded.
+
+Job events are coalesced into one ``job-events`` frame per flush (many per frame at full
+speed). At most :data:`MAX_PENDING_EVENTS` wait; beyond that the oldest are dropped and
+counted (events are best-effort; jobs are never slowed by a slow supervisor). Other messages
+go through a bounded channel: :meth:`Outbox.send` waits when it is full.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..supervisor import ipc
+
+__all__ = ["MAX_PENDING_EVENTS", "MAX_PENDING_MESSAGES", "Outbox", "OutboxStatistics"]
+
+logger = logging.getLogger(__name__)
+
+MAX_PENDING_EVENTS = 20_000
+MAX_PENDING_MESSAGES = 1_000
+#: Most events per frame (keeps frames far below ipc.MAX_FRAME_BYTES).
+EVENTS_PER_FRAME = 500
+
+
+@dataclass(frozen=True)
+class OutboxStatistics:
+    frames_sent: int
+    events_sent: int
+    events_dropped: int
+    connected: bool
+
+
+class Outbox:
+    """Owns the IPC stream (or none, when run without a supervisor)."""
+
+    def __init__(self, stream: trio.SocketStream | None) -> None:
+        self._stream = stream
+        self._events: deque[dict[str, Any]] = deque()
+        self._send, self._receive = trio.open_memory_channel[Mapping[str, Any]](MAX_PENDING_MESSAGES)
+        self._wake = trio.Event()
+        self._frames = 0
+        self._sent = 0
+        self._dropped = 0
+        self.closed = trio.Event()
+
+    def event(self, event: dict[str, Any]) -> None:
+        """Queue a job event (never blocks)."""
+        if self._stream is None:
+            return
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self._events.popleft()
+            self._dropped += 1
+        self._events.append(event)
+        self._wake.set()
+
+    async def send(self, msg: Mapping[str, Any]) -> None:
+        """Queue a message; waits while :data:`MAX_PENDING_MESSAGES` are queued."""
+        if self._stream is None:
+            return
+        ipc.encode_frame(msg)  # raises now, in the caller, for what cannot be sent
+        await self._send.send(msg)
+        self._wake.set()
+
+    def statistics(self) -> OutboxStatistics:
+        return OutboxStatistics(self._frames, self._sent, self._dropped, self._stream is not None)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Write queued messages until cancelled; then flush what is queued (bounded time)."""
+        task_status.started()
+        if self._stream is None:
+            await trio.sleep_forever()
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                await self._flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            logger.warning("IPC stream to the supervisor is closed")
+            self.closed.set()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                try:
+                    await self._flush()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+
+    async def _flush(self) -> None:
+        assert self._stream is not None
+        while True:
+            try:
+                msg = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            await ipc.send(self._stream, msg)
+            self._frames += 1
+        while self._events:
+            batch = [self._events.popleft() for _ in range(min(EVENTS_PER_FRAME, len(self._events)))]
+            await ipc.send(self._stream, {"kind": "job-events", "events": batch})
+            self._frames += 1
+            self._sent += len(batch)
+
+    async def watch_eof(self) -> None:
+        """Return when the supervisor's end closes (it exited or was killed)."""
+        if self._stream is None:
+            await trio.sleep_forever()
+            return
+        assert self._stream is not None
+        try:
+            while await self._stream.receive_some(4096):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        self.closed.set()

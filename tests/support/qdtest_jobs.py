@@ -1,0 +1,92 @@
+"""Job types used by the tests (imported by worker processes via QDWORKER_JOBS)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import trio
+
+from qdworker import job
+
+
+@job("noop")
+async def noop(ctx: Any) -> dict[str, Any]:
+    return {"ok": True}
+
+
+@job("echo")
+async def echo(ctx: Any) -> Any:
+    return ctx.job.data
+
+
+@job("boom")
+async def boom(ctx: Any) -> None:
+    raise ValueError(ctx.job.data.get("message", "kaboom"))
+
+
+@job("badResult")
+async def bad_result(ctx: Any) -> Any:
+    return {"not json": object()}
+
+
+@job("hugeResult")
+async def huge_result(ctx: Any) -> Any:
+    return {"blob": "x" * (2 * 1024 * 1024)}
+
+
+@job("sleep")
+async def sleep(ctx: Any) -> dict[str, Any]:
+    await ctx.db.execute(
+        "INSERT INTO test_runs (job_id, worker_id) VALUES (%s, %s)", (ctx.job.id, ctx.worker_id)
+    )
+    await trio.sleep(float(ctx.job.data.get("seconds", 1)))
+    return {"slept": ctx.job.data.get("seconds", 1)}
+
+
+@job("record")
+async def record(ctx: Any) -> dict[str, Any]:
+    await ctx.db.execute(
+        "INSERT INTO test_runs (job_id, worker_id) VALUES (%s, %s)", (ctx.job.id, ctx.worker_id)
+    )
+    return {"recorded": ctx.job.id}
+
+
+@job("threaded")
+def threaded(ctx: Any) -> dict[str, Any]:
+    time.sleep(0.01)
+    return {"thread": True}
+
+
+@job("aio", runtime="asyncio")
+async def aio(ctx: Any) -> dict[str, Any]:
+    import asyncio
+
+    await asyncio.sleep(0.01)
+    rows = await ctx.db.execute("SELECT 41 + 1 AS answer")
+    return {"asyncio": True, "answer": rows[0]["answer"]}
+
+
+@job("exit")
+async def exit_process(ctx: Any) -> None:
+    await ctx.db.execute(
+        "INSERT INTO test_runs (job_id, worker_id) VALUES (%s, %s)", (ctx.job.id, ctx.worker_id)
+    )
+    os._exit(17)
+
+
+@job("blockLoop", timeout=1.0)
+async def block_loop(ctx: Any) -> None:
+    time.sleep(float(ctx.job.data.get("seconds", 30)))
+
+
+@job("blockThread", timeout=1.0)
+def block_thread(ctx: Any) -> None:
+    time.sleep(float(ctx.job.data.get("seconds", 30)))
+
+
+@job("notify")
+async def notify(ctx: Any) -> None:
+    await ctx.notify_user(ctx.job.user_id, {"type": "hello", "data": ctx.job.data})
+    await ctx.broadcast({"type": "everyone", "data": {}})
