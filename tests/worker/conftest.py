@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "support"))
+
+
+@pytest.fixture
+def jobs_db(db_url: str) -> str:
+    """The test database plus the table the test job types record their runs in."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE test_runs (job_id bigint, worker_id text, "
+            "at timestamptz NOT NULL DEFAULT clock_timestamp())"
+        )
+    return db_url
