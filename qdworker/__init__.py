@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .client import Queue
 from .config import Config
+from .events.tokens import ws_token
 from .errors import (
     ConfigError,
     DatabaseError,
@@ -39,4 +40,5 @@ __all__ = [
     "TokenError",
     "__version__",
     "job",
+    "ws_token",
 ]

@@ -65,5 +65,6 @@ class TokenError(QdworkerError):
     """A websocket token was refused. ``code`` is the documented error code sent to the client."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(f"{code}: {message}")
         self.code = code
+        self.message = message

@@ -34,7 +34,10 @@ from typing import Any, Final
 
 import jwt
 
+from ..errors import ConfigError, TokenError
+
 __all__ = [
+    "ws_token",
     "ADMIN_ROLE",
     "ALGORITHM",
     "CLOCK_SKEW_LEEWAY_SECONDS",
@@ -66,13 +69,7 @@ TOKEN_MALFORMED: Final = "TOKEN_MALFORMED"
 """Not a decodable JWT at all (not a string, bad segments/base64/JSON, too long)."""
 
 
-class TokenError(Exception):
-    """Token rejected.  ``code`` is one of the ``TOKEN_*`` constants."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+# TokenError lives in qdworker.errors (one exception tree); ``code`` is a ``TOKEN_*`` constant.
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,3 +143,17 @@ def verify(secret: str, token: str) -> Identity:
     if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id <= 0:
         raise TokenError(TOKEN_INVALID, "Invalid token payload")
     return Identity(user_id=user_id, admin=claims.get("role") == ADMIN_ROLE)
+
+
+def ws_token(user_id: int, ttl_seconds: float = 3600, admin: bool = False) -> str:
+    """Mint a websocket token with the configured ``QDWORKER_WS_SECRET``.
+
+    Raises :class:`~qdworker.errors.ConfigError` when no secret is configured (development
+    mode needs no token: every client is admin there).
+    """
+    from .. import config as config_module
+
+    secret = config_module.load().ws_secret
+    if not secret:
+        raise ConfigError("QDWORKER_WS_SECRET is not set: tokens need a secret to be signed with")
+    return mint(secret, user_id, ttl_seconds, admin)
