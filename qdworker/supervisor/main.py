@@ -1,0 +1,356 @@
+"""The supervisor: database, migrations, built-in jobs, websocket server, worker children.
+
+Embed it in a trio app (QuickDapp's ``WorkerManager`` interface)::
+
+    async with trio.open_nursery() as nursery:
+        manager = await nursery.start(qdworker.supervisor.serve, config)
+        await manager.submit_job(type="sendEmail", data={...})
+        ...
+        await manager.shutdown()
+
+or run it with ``python -m qdworker`` (:mod:`qdworker.cli` adds the signal handling).
+
+Start-up order (each step's error propagates from ``nursery.start`` and undoes the earlier
+ones): websocket settings are checked (:class:`~qdworker.errors.ConfigError`); the database is
+resolved (``DATABASE_URL``, or the embedded Postgres in ``data_dir``, started in a thread and
+stopped on exit if this process started it); migrations are applied (unless ``migrate`` is
+false); built-in cron jobs are ensured; the websocket server and events hub start (if
+``ws_enabled``); ``worker_count`` children start; then ``task_status.started(manager)``.
+
+Shutdown: :meth:`Manager.shutdown` (or :meth:`Manager.request_shutdown`) sends every child
+SIGTERM and waits for them (each gets ``shutdown_timeout`` + a margin before SIGKILL);
+``immediate=True`` (a second signal) sends a second SIGTERM and SIGKILLs after a short grace.
+Then the services stop, the connections close and the embedded server is stopped. Cancelling
+:func:`serve` instead terminates the children the same way (shielded) before it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final
+
+import trio
+
+from ..client import Queue
+from ..config import Config
+from ..db import embedded, migrate
+from ..db.connection import Connection, connect, redact
+from ..errors import ConfigError, EmbeddedDatabaseError
+from ..model import Job
+from . import children as children_module
+from .children import Child, ChildStatistics, MessageHandler
+
+__all__ = [
+    "HEALTH_LOG_INTERVAL_SECONDS",
+    "Manager",
+    "SupervisorStatistics",
+    "check_ws_settings",
+    "embedded_database",
+    "ensure_builtin_jobs",
+    "serve",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Interval of the one-line health summary (debug level).
+HEALTH_LOG_INTERVAL_SECONDS: Final = 30.0
+
+_BUILTIN_MODULE: Final = "qdworker.jobs.builtin"
+
+
+@dataclass(frozen=True)
+class SupervisorStatistics:
+    """A snapshot of the supervisor: its database (password hidden), websocket port, children
+    and, when the websocket server runs, the hub's statistics."""
+
+    database: str
+    ws_port: int | None
+    stopping: bool
+    workers: tuple[ChildStatistics, ...]
+    hub: Any
+
+
+class Manager:
+    """Handle of a running supervisor (QuickDapp's ``WorkerManager``): submit jobs, count
+    workers, read statistics, shut down. Built by :func:`serve`; do not construct it."""
+
+    def __init__(
+        self,
+        config: Config,
+        url: str,
+        children: Sequence[Child],
+        hub: Any,
+        stopped: trio.Event | None = None,
+    ) -> None:
+        self.config = config
+        #: The database URL (may contain a password: redact it before logging).
+        self.url = url
+        #: The websocket server's bound port, or ``None`` when it is disabled.
+        self.ws_port: int | None = None
+        #: The events hub (``qdworker.events.hub.Hub``), or ``None`` without websocket server.
+        self.hub = hub
+        self._children = tuple(children)
+        self._queue: Queue | None = None
+        self._queue_lock = trio.Lock()
+        self._shutdown_requested = trio.Event()
+        self._immediate = False
+        self._stopped = stopped if stopped is not None else trio.Event()
+
+    async def submit_job(self, **fields: Any) -> Job:
+        """Insert a job (see :meth:`qdworker.Queue.submit_job`); returns it as stored. Uses one
+        connection of its own, opened on first use and closed when the supervisor stops."""
+        async with self._queue_lock:
+            if self._queue is None:
+                self._queue = await Queue(self.url).open()
+        return await self._queue.submit_job(**fields)
+
+    def get_worker_count(self) -> int:
+        """The number of worker processes this supervisor keeps running."""
+        return len(self._children)
+
+    def request_shutdown(self, *, immediate: bool = False) -> None:
+        """Start a graceful shutdown without waiting; ``immediate=True`` (also after a graceful
+        request) cancels the children's running jobs at once. Idempotent."""
+        self._shutdown_requested.set()
+        if immediate:
+            self._immediate = True
+            for child in self._children:
+                child.hurry()
+        else:
+            for child in self._children:
+                child.request_stop()
+
+    async def shutdown(self, *, immediate: bool = False) -> None:
+        """Shut down (see :meth:`request_shutdown`) and wait until :func:`serve` has cleaned
+        up everything (children exited, services stopped, database released)."""
+        self.request_shutdown(immediate=immediate)
+        await self._stopped.wait()
+
+    async def wait_stopped(self) -> None:
+        """Wait until the supervisor has stopped."""
+        await self._stopped.wait()
+
+    def statistics(self) -> SupervisorStatistics:
+        hub_statistics = self.hub.statistics() if self.hub is not None else None
+        return SupervisorStatistics(
+            database=redact(self.url),
+            ws_port=self.ws_port,
+            stopping=self._shutdown_requested.is_set(),
+            workers=tuple(child.statistics() for child in self._children),
+            hub=hub_statistics,
+        )
+
+    async def _close(self) -> None:
+        if self._queue is not None:
+            queue, self._queue = self._queue, None
+            await queue.aclose()
+
+
+def _is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_ws_settings(config: Config) -> None:
+    """Refuse a websocket server without a secret on a non-loopback address
+    (:class:`ConfigError`): without ``QDWORKER_WS_SECRET`` every client is an admin."""
+    if config.ws_enabled and config.ws_secret is None and not _is_loopback(config.ws_host):
+        raise ConfigError(
+            f"QDWORKER_WS_HOST={config.ws_host!r} is not a loopback address: set "
+            "QDWORKER_WS_SECRET (without it every websocket client is an admin), or bind "
+            "127.0.0.1, or set QDWORKER_WS=false"
+        )
+
+
+@contextlib.asynccontextmanager
+async def embedded_database(config: Config) -> AsyncIterator[str]:
+    """Yield the database URL: ``config.database_url``, or the embedded Postgres in
+    ``config.data_dir`` (started or attached in a thread; on exit stopped if this process
+    started it and nobody else uses it). Raises :class:`EmbeddedDatabaseError`."""
+    if config.database_url:
+        yield config.database_url
+        return
+    try:
+        server = await trio.to_thread.run_sync(embedded.start, config.data_dir)
+    except (embedded.EmbeddedDatabaseError, OSError) as exc:
+        raise EmbeddedDatabaseError(
+            f"cannot start the embedded Postgres in {config.data_dir}: {exc}"
+        ) from exc
+    try:
+        logger.info(
+            "embedded Postgres %s: %s",
+            "started" if server.started_here else "attached",
+            redact(server.url),
+        )
+        yield server.url
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(embedded.stop, server)
+
+
+async def ensure_builtin_jobs(conn: Connection, timezone: str) -> None:
+    """Hook: call ``qdworker.jobs.builtin.ensure_builtin_jobs(conn, timezone)`` (sync or async)
+    if that module exists; do nothing (debug log) until it does."""
+    # HOOK(builtin jobs): qdworker/jobs/builtin.py provides ensure_builtin_jobs.
+    try:
+        module = importlib.import_module(_BUILTIN_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("qdworker.jobs", _BUILTIN_MODULE):
+            raise
+        logger.debug("no built-in jobs module (%s) yet", _BUILTIN_MODULE)
+        return
+    result = module.ensure_builtin_jobs(conn, timezone)
+    if inspect.isawaitable(result):
+        await result
+
+
+def _make_hub() -> Any:
+    """The events hub, or ``None`` if :mod:`qdworker.events.hub` is not available."""
+    try:
+        from ..events.hub import Hub
+    except ImportError:
+        logger.warning("qdworker.events.hub is not available: websocket server disabled")
+        return None
+    return Hub()
+
+
+def _router(hub: Any, on_message: MessageHandler | None) -> MessageHandler:
+    def route(worker_id: str, msg: Mapping[str, Any]) -> None:
+        handled = bool(hub.handle_ipc(worker_id, msg)) if hub is not None else False
+        if on_message is not None:
+            on_message(worker_id, msg)
+        elif not handled:
+            logger.debug("message from worker %s: %s", worker_id, msg.get("kind"))
+
+    return route
+
+
+async def _log_health(manager: Manager, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        if not logger.isEnabledFor(logging.DEBUG):
+            continue
+        now = trio.current_time()
+        parts = []
+        for s in manager.statistics().workers:
+            age = f"{now - s.last_heartbeat:.1f}s" if s.last_heartbeat is not None else "-"
+            parts.append(
+                f"w{s.index}(pid={s.pid} {'up' if s.alive else 'down'} hb={age} "
+                f"run={s.jobs_running} done={s.jobs_completed} fail={s.jobs_failed} "
+                f"restarts={s.restarts})"
+            )
+        logger.debug("health: %s", " ".join(parts) or "no workers")
+
+
+async def serve(
+    config: Config,
+    *,
+    on_message: MessageHandler | None = None,
+    worker_argv: Sequence[str] | None = None,
+    health_interval: float = HEALTH_LOG_INTERVAL_SECONDS,
+    task_status: trio.TaskStatus[Manager] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the supervisor until :meth:`Manager.shutdown` (then return) or cancellation.
+
+    ``on_message(worker_id, msg)`` also receives the workers' ``send-to-user``,
+    ``broadcast`` and ``job-events`` messages (the hub gets them first when the websocket
+    server runs). ``worker_argv`` replaces ``python -m qdworker.worker`` (tests). Errors during
+    start-up (:class:`ConfigError`, :class:`EmbeddedDatabaseError`,
+    :class:`~qdworker.errors.DatabaseError`, :class:`~qdworker.errors.MigrationError`,
+    ``OSError`` binding the websocket port) propagate before ``started``.
+    """
+    check_ws_settings(config)
+    stopped = trio.Event()
+    try:
+        await _serve(config, on_message, worker_argv, health_interval, stopped, task_status)
+    finally:
+        stopped.set()
+
+
+async def _serve(
+    config: Config,
+    on_message: MessageHandler | None,
+    worker_argv: Sequence[str] | None,
+    health_interval: float,
+    stopped: trio.Event,
+    task_status: trio.TaskStatus[Manager],
+) -> None:
+    async with embedded_database(config) as url:
+        logger.info("database: %s", redact(url))
+        conn = await connect(url, application_name="qdworker-supervisor")
+        try:
+            if config.migrate:
+                applied = await migrate.apply(conn)
+                if applied:
+                    logger.info("applied migrations %s", ", ".join(f"{v:04d}" for v in applied))
+                else:
+                    logger.debug("schema is up to date")
+            await ensure_builtin_jobs(conn, config.timezone)
+        finally:
+            await conn.aclose()
+
+        hub = _make_hub() if config.ws_enabled else None
+        route = _router(hub, on_message)
+        argv = children_module.DEFAULT_WORKER_ARGV if worker_argv is None else tuple(worker_argv)
+        prefix = children_module.worker_id_prefix()
+        workers = [
+            Child(config, index=i, database_url=url, on_message=route, argv=argv, id_prefix=prefix)
+            for i in range(config.worker_count)
+        ]
+        manager = Manager(config, url, workers, hub, stopped)
+        try:
+            async with trio.open_nursery() as services:
+                if hub is not None:
+                    manager.ws_port = await services.start(_websocket_service(config, hub))
+                async with trio.open_nursery() as nursery:
+                    for child in workers:
+                        await nursery.start(child.run)
+                    services.start_soon(_log_health, manager, health_interval)
+                    logger.info(
+                        "supervisor ready: %d worker(s)%s",
+                        len(workers),
+                        f", websocket on {config.ws_host}:{manager.ws_port}"
+                        if manager.ws_port is not None
+                        else "",
+                    )
+                    task_status.started(manager)
+                    await manager._shutdown_requested.wait()
+                    logger.info(
+                        "shutting down%s",
+                        " immediately" if manager._immediate else
+                        f" (running jobs get {config.shutdown_timeout:g} s)",
+                    )
+                    for child in workers:
+                        child.request_stop()
+                services.cancel_scope.cancel()
+            logger.info("supervisor stopped")
+        finally:
+            with trio.CancelScope(shield=True):
+                await manager._close()
+
+
+def _websocket_service(config: Config, hub: Any) -> Any:
+    # HOOK(events): the websocket server of qdworker.events.websocket.
+    from ..events import websocket
+
+    return partial(
+        websocket.serve,
+        hub,
+        host=config.ws_host,
+        port=config.ws_port,
+        secret=config.ws_secret,
+        origins=config.ws_origins,
+        max_total_connections=config.ws_max_total_connections,
+        max_connections_per_user=config.ws_max_connections_per_user,
+    )
