@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .client import Queue
 from .config import Config
-from .events.tokens import ws_token
 from .errors import (
     ConfigError,
     DatabaseError,
@@ -19,8 +18,10 @@ from .errors import (
     QdworkerError,
     TokenError,
 )
+from .events.tokens import ws_token
 from .model import Job
 from .registry import job
+from .supervisor.main import Manager, serve
 from .worker.context import JobContext
 
 __version__ = "0.1.0"
@@ -34,11 +35,13 @@ __all__ = [
     "Job",
     "JobContext",
     "JobTypeError",
+    "Manager",
     "MigrationError",
     "QdworkerError",
     "Queue",
     "TokenError",
     "__version__",
     "job",
+    "serve",
     "ws_token",
 ]

@@ -98,6 +98,8 @@ def _settings_parser() -> _ArgumentParser:
     parser = _ArgumentParser(add_help=False)
     group = parser.add_argument_group("settings (a flag overrides its environment variable)")
     for setting in config_module.SETTINGS:
+        if not setting.flag_allowed:
+            continue
         default = setting.default
         if isinstance(default, tuple):
             default = ",".join(default) or "(none)"
@@ -336,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="qdworker: a Postgres-backed background job worker. "
         "Without a subcommand, 'run' is assumed.",
+        epilog="Environment only (no flag, so it never shows in `ps`): "
+        + "; ".join(f"{s.env}: {s.help}" for s in config_module.SETTINGS if not s.flag_allowed),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[settings],
     )
     sub = parser.add_subparsers(

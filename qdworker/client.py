@@ -20,7 +20,7 @@ import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import psycopg
 from psycopg.rows import dict_row
@@ -52,7 +52,9 @@ def _name(fields: Mapping[str, Any], key: str, required: bool) -> str | None:
     if value is None and not required:
         return None
     if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_CHARS:
-        raise InvalidJobError(f"{key} must be a non-empty string of at most {MAX_NAME_CHARS} characters")
+        raise InvalidJobError(
+            f"{key} must be a non-empty string of at most {MAX_NAME_CHARS} characters"
+        )
     return value
 
 
@@ -82,7 +84,9 @@ def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError) as exc:
         raise InvalidJobError(f"data is not JSON-serialisable: {exc}") from None
     if len(encoded) > MAX_DATA_BYTES:
-        raise InvalidJobError(f"data is {len(encoded)} bytes as JSON; the limit is {MAX_DATA_BYTES}")
+        raise InvalidJobError(
+            f"data is {len(encoded)} bytes as JSON; the limit is {MAX_DATA_BYTES}"
+        )
     out["data"] = data
     for key in _INT_FIELDS:
         value = fields.get(key)
@@ -162,7 +166,10 @@ class Queue:
         return await self.open()
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 
@@ -210,7 +217,7 @@ class Queue:
         if isinstance(connection, psycopg.AsyncConnection):
             try:
                 async with connection.cursor(row_factory=dict_row) as cur:
-                    await cur.execute(query, params)  # type: ignore[arg-type]
+                    await cur.execute(cast(Any, query), params)
                     return await cur.fetchall()
             except psycopg.Error as exc:
                 raise DatabaseError(str(exc).strip(), sqlstate=exc.sqlstate) from exc
@@ -239,4 +246,3 @@ def _default_dsn() -> str:
             "start 'python -m qdworker' first, or set DATABASE_URL"
         )
     return url
-

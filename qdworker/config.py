@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .db.connection import redact
 from .errors import ConfigError
 
 __all__ = ["LOG_LEVELS", "SETTINGS", "Config", "Setting", "load"]
@@ -132,6 +133,7 @@ class Setting:
     parse: Callable[[str], Any]
     default: Any
     help: str
+    flag_allowed: bool = True  # False for secrets: a flag would show in `ps`
 
     @property
     def flag(self) -> str:
@@ -143,43 +145,116 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("database_url", "DATABASE_URL", _optional_text, None,
-            "Postgres URL; unset: start the embedded Postgres in the data dir"),
-    Setting("worker_count", "WORKER_COUNT", _worker_count, 1,
-            "worker processes ('cpus' = one per CPU, 0 = none)"),
-    Setting("worker_log_level", "WORKER_LOG_LEVEL", _log_level, "info",
-            "log level of worker processes"),
+    Setting(
+        "database_url",
+        "DATABASE_URL",
+        _optional_text,
+        None,
+        "Postgres URL; unset: start the embedded Postgres in the data dir",
+    ),
+    Setting(
+        "worker_count",
+        "WORKER_COUNT",
+        _worker_count,
+        1,
+        "worker processes ('cpus' = one per CPU, 0 = none)",
+    ),
+    Setting(
+        "worker_log_level", "WORKER_LOG_LEVEL", _log_level, "info", "log level of worker processes"
+    ),
     Setting("log_level", "LOG_LEVEL", _log_level, "info", "log level of the supervisor"),
     Setting("log_format", "QDWORKER_LOG_FORMAT", _log_format, "text", "log line format"),
-    Setting("jobs", "QDWORKER_JOBS", _list, (),
-            "modules to import in every worker (their @job types are registered)"),
-    Setting("data_dir", "QDWORKER_DATA_DIR", _path, Path(".qdworker"),
-            "data folder of the embedded Postgres"),
-    Setting("migrate", "QDWORKER_MIGRATE", _bool, True,
-            "apply migrations when the supervisor starts"),
-    Setting("concurrency", "QDWORKER_CONCURRENCY", _int_at_least(1), 10,
-            "jobs run at once by each worker process"),
-    Setting("poll_interval", "QDWORKER_POLL_INTERVAL", _positive_float, 5.0,
-            "seconds between safety-net polls when no NOTIFY arrives"),
-    Setting("lease_seconds", "QDWORKER_LEASE_SECONDS", _positive_float, 30.0,
-            "lease of a running job; renewed while its worker lives"),
-    Setting("shutdown_timeout", "QDWORKER_SHUTDOWN_TIMEOUT", _positive_float, 30.0,
-            "seconds running jobs get to finish on SIGINT/SIGTERM"),
-    Setting("max_lost_runs", "QDWORKER_MAX_LOST_RUNS", _int_at_least(1), 3,
-            "runs of a job lost with their worker before it fails, when it has no max_attempts"),
+    Setting(
+        "jobs",
+        "QDWORKER_JOBS",
+        _list,
+        (),
+        "modules to import in every worker (their @job types are registered)",
+    ),
+    Setting(
+        "data_dir",
+        "QDWORKER_DATA_DIR",
+        _path,
+        Path(".qdworker"),
+        "data folder of the embedded Postgres",
+    ),
+    Setting(
+        "migrate", "QDWORKER_MIGRATE", _bool, True, "apply migrations when the supervisor starts"
+    ),
+    Setting(
+        "concurrency",
+        "QDWORKER_CONCURRENCY",
+        _int_at_least(1),
+        10,
+        "jobs run at once by each worker process",
+    ),
+    Setting(
+        "poll_interval",
+        "QDWORKER_POLL_INTERVAL",
+        _positive_float,
+        5.0,
+        "seconds between safety-net polls when no NOTIFY arrives",
+    ),
+    Setting(
+        "lease_seconds",
+        "QDWORKER_LEASE_SECONDS",
+        _positive_float,
+        30.0,
+        "lease of a running job; renewed while its worker lives",
+    ),
+    Setting(
+        "shutdown_timeout",
+        "QDWORKER_SHUTDOWN_TIMEOUT",
+        _positive_float,
+        30.0,
+        "seconds running jobs get to finish on SIGINT/SIGTERM",
+    ),
+    Setting(
+        "max_lost_runs",
+        "QDWORKER_MAX_LOST_RUNS",
+        _int_at_least(1),
+        3,
+        "runs of a job lost with their worker before it fails, when it has no max_attempts",
+    ),
     Setting("timezone", "QDWORKER_TIMEZONE", _timezone, "UTC", "time zone of cron schedules"),
     Setting("ws_enabled", "QDWORKER_WS", _bool, True, "run the websocket server"),
     Setting("ws_host", "QDWORKER_WS_HOST", _text, "127.0.0.1", "websocket server address"),
-    Setting("ws_port", "QDWORKER_WS_PORT", _port, DEFAULT_WS_PORT,
-            "websocket server port (0 = any free port, logged)"),
-    Setting("ws_secret", "QDWORKER_WS_SECRET", _optional_text, None,
-            "HS256 secret of websocket tokens; unset = development mode (loopback, all admin)"),
-    Setting("ws_origins", "QDWORKER_WS_ORIGINS", _list, (),
-            "allowed Origin headers of websocket clients (empty = any)"),
-    Setting("ws_max_total_connections", "SOCKET_MAX_TOTAL_CONNECTIONS", _int_at_least(1), 10000,
-            "websocket connections in all"),
-    Setting("ws_max_connections_per_user", "SOCKET_MAX_CONNECTIONS_PER_USER", _int_at_least(1), 5,
-            "websocket connections per user"),
+    Setting(
+        "ws_port",
+        "QDWORKER_WS_PORT",
+        _port,
+        DEFAULT_WS_PORT,
+        "websocket server port (0 = any free port, logged)",
+    ),
+    Setting(
+        "ws_secret",
+        "QDWORKER_WS_SECRET",
+        _optional_text,
+        None,
+        "HS256 secret of websocket tokens; unset = development mode (loopback, all admin)",
+        flag_allowed=False,
+    ),
+    Setting(
+        "ws_origins",
+        "QDWORKER_WS_ORIGINS",
+        _list,
+        (),
+        "allowed Origin headers of websocket clients (empty = any)",
+    ),
+    Setting(
+        "ws_max_total_connections",
+        "SOCKET_MAX_TOTAL_CONNECTIONS",
+        _int_at_least(1),
+        10000,
+        "websocket connections in all",
+    ),
+    Setting(
+        "ws_max_connections_per_user",
+        "SOCKET_MAX_CONNECTIONS_PER_USER",
+        _int_at_least(1),
+        5,
+        "websocket connections per user",
+    ),
 )
 
 _BY_FIELD = {s.field: s for s in SETTINGS}
@@ -192,7 +267,7 @@ class Config:
     ``repr()`` hides the database URL's password and the websocket secret.
     """
 
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)
     worker_count: int = 1
     worker_log_level: str = "info"
     log_level: str = "info"
@@ -213,6 +288,13 @@ class Config:
     ws_origins: tuple[str, ...] = ()
     ws_max_total_connections: int = 10000
     ws_max_connections_per_user: int = 5
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self) if f.repr
+        )
+        url = None if self.database_url is None else redact(self.database_url)
+        return f"Config(database_url={url!r}, {shown})"
 
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied (values already parsed)."""
@@ -256,9 +338,7 @@ def load(
         try:
             values[setting.field] = setting.parse(raw)
         except ValueError:
-            raise ConfigError(
-                f"{source}={raw!r} is invalid: expected {setting.accepted}"
-            ) from None
+            raise ConfigError(f"{source}={raw!r} is invalid: expected {setting.accepted}") from None
     unknown = set(overrides or ()) - set(_BY_FIELD)
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")

@@ -60,7 +60,9 @@ def job(
     overrides it). ``runtime="asyncio"`` runs an ``async def`` through trio-asyncio.
     """
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_TYPE_CHARS:
-        raise JobTypeError(f"job type name must be a non-empty string of at most {MAX_TYPE_CHARS} characters")
+        raise JobTypeError(
+            f"job type name must be a non-empty string of at most {MAX_TYPE_CHARS} characters"
+        )
     if timeout is not None and (not timeout > 0 or not math.isfinite(timeout)):
         raise JobTypeError(f"job {name!r}: timeout must be a number of seconds > 0")
 

@@ -15,15 +15,29 @@ async def test_submit_job_from_trio_stores_every_field(db_url: str) -> None:
     due = datetime.now(UTC) + timedelta(minutes=5)
     async with Queue(db_url) as queue:
         job = await queue.submit_job(
-            type="sendEmail", data={"to": "a@b.c"}, tag="email:42", user_id=42, due=due,
-            cron_schedule="*/30 * * * * *", auto_reschedule_on_failure=True,
-            auto_reschedule_on_failure_delay=1500, remove_delay=60_000, persistent=True,
-            max_attempts=5, backoff="exponential", timeout_seconds=2.5,
+            type="sendEmail",
+            data={"to": "a@b.c"},
+            tag="email:42",
+            user_id=42,
+            due=due,
+            cron_schedule="*/30 * * * * *",
+            auto_reschedule_on_failure=True,
+            auto_reschedule_on_failure_delay=1500,
+            remove_delay=60_000,
+            persistent=True,
+            max_attempts=5,
+            backoff="exponential",
+            timeout_seconds=2.5,
         )
         assert isinstance(job, Job) and job.id > 0
         stored = await queue.get_job(job.id)
     assert stored == job
-    assert (job.type, job.tag, job.user_id, job.data) == ("sendEmail", "email:42", 42, {"to": "a@b.c"})
+    assert (job.type, job.tag, job.user_id, job.data) == (
+        "sendEmail",
+        "email:42",
+        42,
+        {"to": "a@b.c"},
+    )
     assert job.due == due and job.remove_at == due + timedelta(minutes=1)
     assert job.cron_schedule == "*/30 * * * * *" and job.persistent is True
     assert (job.auto_reschedule_on_failure, job.auto_reschedule_on_failure_delay) == (True, 1500)
@@ -103,7 +117,9 @@ async def _all(queue: Queue) -> list[Job]:
         ({"type": "x", "persistent": "yes"}, "persistent"),
     ],
 )
-async def test_invalid_input_is_rejected_before_writing(db_url: str, fields: dict, message: str) -> None:
+async def test_invalid_input_is_rejected_before_writing(
+    db_url: str, fields: dict, message: str
+) -> None:
     async with Queue(db_url) as queue:
         with pytest.raises(InvalidJobError, match=message):
             await queue.submit_job(**fields)

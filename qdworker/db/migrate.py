@@ -53,7 +53,9 @@ def available(folder: Path | None = None) -> list[Migration]:
         found.append(Migration(int(match.group(1)), match.group(2), path))
     for expected, migration in enumerate(found, start=1):
         if migration.version != expected:
-            raise MigrationError(f"migration {expected:04d} is missing before {migration.path.name}")
+            raise MigrationError(
+                f"migration {expected:04d} is missing before {migration.path.name}"
+            )
     return found
 
 

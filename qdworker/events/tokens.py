@@ -37,7 +37,6 @@ import jwt
 from ..errors import ConfigError, TokenError
 
 __all__ = [
-    "ws_token",
     "ADMIN_ROLE",
     "ALGORITHM",
     "CLOCK_SKEW_LEEWAY_SECONDS",
@@ -50,6 +49,7 @@ __all__ = [
     "TokenError",
     "mint",
     "verify",
+    "ws_token",
 ]
 
 ALGORITHM: Final = "HS256"

@@ -67,13 +67,24 @@ async def ensure_cron_jobs(conn: Connection, jobs: tuple[CronJob, ...], timezone
                 row = raw.execute(statements.get("db_now")).fetchone()
                 assert row is not None
                 due = cron.next_tick(cron_job.schedule, row["now"], row["now"], timezone)
-                inserted = raw.execute(statements.get("insert_cron_if_absent"), {
-                    "tag": cron_job.tag, "type": cron_job.type, "due": due,
-                    "cron_schedule": cron_job.schedule, "retry_delay_ms": cron_job.retry_delay_ms,
-                }).fetchone()
+                inserted = raw.execute(
+                    statements.get("insert_cron_if_absent"),
+                    {
+                        "tag": cron_job.tag,
+                        "type": cron_job.type,
+                        "due": due,
+                        "cron_schedule": cron_job.schedule,
+                        "retry_delay_ms": cron_job.retry_delay_ms,
+                    },
+                ).fetchone()
                 if inserted is not None:
                     created.append(int(inserted["id"]))
-                    logger.info("scheduled %s (%s) as job %d", cron_job.type, cron_job.schedule, inserted["id"])
+                    logger.info(
+                        "scheduled %s (%s) as job %d",
+                        cron_job.type,
+                        cron_job.schedule,
+                        inserted["id"],
+                    )
         return created
 
     return await conn.run(ensure)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import zoneinfo
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from croniter import croniter
 
@@ -77,7 +77,7 @@ def next_tick(schedule: str, scheduled: datetime, now: datetime, tz: str = "UTC"
         tick: datetime = it.get_next(datetime)
         if skip_repeats and tick.fold == 1 and _is_ambiguous(tick):
             continue
-        tick_utc = tick.astimezone(timezone.utc)
+        tick_utc = tick.astimezone(UTC)
         if tick_utc > now and tick_utc > scheduled:
             return tick_utc
     raise ValueError(f"cron schedule {schedule!r} has no tick after {now.isoformat()}")

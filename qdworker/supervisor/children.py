@@ -15,7 +15,7 @@ Lifecycle and resources, per incarnation:
   which the child uses as ``lease_owner``.
 * Stopping (:meth:`request_stop`, or cancellation of :meth:`run`): SIGTERM, then up to
   ``shutdown_timeout`` + ``stop_margin`` seconds, then SIGKILL to the child's process group.
-  :meth:`hurry` (a second signal) sends a second SIGTERM (the child cancels its jobs at once)
+  :meth:`hurry` (a second signal) sends SIGUSR1 (the child cancels its jobs at once)
   and shortens the wait to :data:`HURRY_GRACE_SECONDS`. Cancellation waits for the process to
   exit (shielded, bounded by the same escalation), so no child outlives :meth:`run`.
 * A child whose heartbeats stop for ``heartbeat_timeout`` seconds while it lives (or that sends
@@ -88,13 +88,15 @@ HEALTHY_LIFETIME_SECONDS: Final = 10.0
 #: From this many fast crashes in a row on, each crash is logged at error level.
 FAST_CRASH_ALARM_COUNT: Final = 3
 #: No heartbeat for this long while the child lives: it is SIGKILLed and replaced.
-HEARTBEAT_TIMEOUT_SECONDS: Final = 10.0
+HEARTBEAT_TIMEOUT_SECONDS: Final = 30.0
+#: Settings a worker never needs, kept out of its environment (job code runs there).
+_CHILD_SECRETS: Final = frozenset({"QDWORKER_WS_SECRET"})
 #: Time a new child gets to send its first message before it is considered hung.
 STARTUP_TIMEOUT_SECONDS: Final = 60.0
 #: Added to ``shutdown_timeout`` before a stopping child is SIGKILLed (the child itself
 #: cancels its jobs at ``shutdown_timeout`` and needs a moment to release them and exit).
 STOP_MARGIN_SECONDS: Final = 5.0
-#: After a second SIGTERM (``hurry``), time the child gets before SIGKILL.
+#: After SIGUSR1 (``hurry``), time the child gets before SIGKILL.
 HURRY_GRACE_SECONDS: Final = 3.0
 #: Time the IPC reader gets after the process exited to read the remaining frames.
 IPC_DRAIN_SECONDS: Final = 2.0
@@ -227,7 +229,7 @@ class Child:
             self._stopping.set()
 
     def hurry(self) -> None:
-        """Second signal: the current process gets a second SIGTERM and
+        """Second signal: the current process gets SIGUSR1 (cancel jobs now) and
         :data:`HURRY_GRACE_SECONDS` before SIGKILL. Implies :meth:`request_stop`."""
         self.request_stop()
         if not self._hurry.is_set():
@@ -314,8 +316,8 @@ class Child:
         self._hurried = False
         parent_stream, child_sock = ipc.socketpair()
         env = {
-            **os.environ,
-            **self._config.to_env(),
+            **{k: v for k, v in os.environ.items() if k not in _CHILD_SECRETS},
+            **{k: v for k, v in self._config.to_env().items() if k not in _CHILD_SECRETS},
             "DATABASE_URL": self._database_url,
             **ipc.ipc_env(child_sock),
             "QDWORKER_WORKER_ID": worker_id,
@@ -389,7 +391,7 @@ class Child:
         await self._terminate(proc)
 
     async def _terminate(self, proc: trio.Process) -> None:
-        """SIGTERM, wait, SIGKILL the process group; :meth:`hurry` sends a second SIGTERM and
+        """SIGTERM, wait, SIGKILL the process group; :meth:`hurry` sends SIGUSR1 and
         shortens the wait. Safe to run twice at once (request_stop and cancellation): the
         signals and the deadline are per process. As ``deliver_cancel`` it runs shielded and
         trio cancels it as soon as the process exits."""
@@ -405,8 +407,10 @@ class Child:
                 await self._hurry.wait()
             if self._hurry.is_set() and not self._hurried and proc.returncode is None:
                 self._hurried = True
-                logger.info("worker %s: second SIGTERM (cancel running jobs now)", self._worker_id)
-                proc.send_signal(signal.SIGTERM)
+                # SIGUSR1, not a second SIGTERM: trio coalesces a signal that arrives again
+                # before it was read, so two quick SIGTERMs could look like one.
+                logger.info("worker %s: SIGUSR1 (cancel running jobs now)", self._worker_id)
+                proc.send_signal(signal.SIGUSR1)
                 self._kill_at = min(self._kill_at, trio.current_time() + self._hurry_grace)
             if self._hurry.is_set():
                 await trio.sleep_until(self._kill_at)

@@ -183,7 +183,9 @@ async def embedded_database(config: Config) -> AsyncIterator[str]:
         return
     try:
         server = await trio.to_thread.run_sync(embedded.start, config.data_dir)
-    except (embedded.EmbeddedDatabaseError, OSError) as exc:
+    except EmbeddedDatabaseError:
+        raise
+    except OSError as exc:
         raise EmbeddedDatabaseError(
             f"cannot start the embedded Postgres in {config.data_dir}: {exc}"
         ) from exc
@@ -328,8 +330,9 @@ async def _serve(
                     await manager._shutdown_requested.wait()
                     logger.info(
                         "shutting down%s",
-                        " immediately" if manager._immediate else
-                        f" (running jobs get {config.shutdown_timeout:g} s)",
+                        " immediately"
+                        if manager._immediate
+                        else f" (running jobs get {config.shutdown_timeout:g} s)",
                     )
                     for child in workers:
                         child.request_stop()

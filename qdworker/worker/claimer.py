@@ -52,8 +52,15 @@ class Claimer:
     ``spawn(claimed)`` starts one; ``wake`` is set by NOTIFY, freed slots and shutdown."""
 
     def __init__(
-        self, url: str, owner: str, lease_seconds: float, poll_interval: float, wake: Wakeup,
-        free: Callable[[], int], spawn: Callable[[Claimed], None], stopping: trio.Event,
+        self,
+        url: str,
+        owner: str,
+        lease_seconds: float,
+        poll_interval: float,
+        wake: Wakeup,
+        free: Callable[[], int],
+        spawn: Callable[[Claimed], None],
+        stopping: trio.Event,
     ) -> None:
         self._url = url
         self._owner = owner
@@ -111,7 +118,9 @@ class Claimer:
         assert self._conn is not None
         params = {"limit": limit, "owner": self._owner, "lease_seconds": self._lease}
 
-        def claim(conn: psycopg.Connection[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        def claim(
+            conn: psycopg.Connection[dict[str, Any]],
+        ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             rows = conn.execute(statements.get("claim"), params).fetchall()
             if len(rows) >= limit:
                 return rows, None

@@ -67,7 +67,11 @@ class Completer:
     thread) after an outcome is durably written or rejected, to free its slot."""
 
     def __init__(
-        self, url: str, outbox: Outbox, timezone: str, clock_offset: Callable[[], float],
+        self,
+        url: str,
+        outbox: Outbox,
+        timezone: str,
+        clock_offset: Callable[[], float],
         on_done: Callable[[Outcome], None],
     ) -> None:
         self._url = url
@@ -89,7 +93,11 @@ class Completer:
 
     def statistics(self) -> CompleterStatistics:
         return CompleterStatistics(
-            self._written, self._rejected, self._released, self._successors, self._batches,
+            self._written,
+            self._rejected,
+            self._released,
+            self._successors,
+            self._batches,
             len(self._pending),
         )
 
@@ -150,7 +158,9 @@ class Completer:
             and job.auto_reschedule_on_failure
             and backoff.attempts_left(job.attempt, job.max_attempts)
         ):
-            delay = backoff.retry_delay_ms(job.backoff, job.auto_reschedule_on_failure_delay, job.attempt)
+            delay = backoff.retry_delay_ms(
+                job.backoff, job.auto_reschedule_on_failure_delay, job.attempt
+            )
             if tick is None or now + timedelta(milliseconds=delay) < tick:
                 return _Successor(job.id, None, float(delay), job.attempt + 1, "retry")
         if tick is not None:
@@ -167,7 +177,10 @@ class Completer:
             and not backoff.attempts_left(job.attempt, job.max_attempts)
             and isinstance(result, dict)
         ):
-            result = {**result, "gave_up": f"attempt {job.attempt} of {job.max_attempts} failed: no retries left"}
+            result = {
+                **result,
+                "gave_up": f"attempt {job.attempt} of {job.max_attempts} failed: no retries left",
+            }
         return result
 
     async def _write(self, batch: list[Outcome]) -> None:
@@ -183,7 +196,9 @@ class Completer:
             "results": [json.dumps(self._final_result(o)) for o in finishing],
         }
 
-        def transaction(conn: psycopg.Connection[dict[str, Any]]) -> tuple[dict[int, datetime], list[dict[str, Any]], int]:
+        def transaction(
+            conn: psycopg.Connection[dict[str, Any]],
+        ) -> tuple[dict[int, datetime], list[dict[str, Any]], int]:
             accepted: dict[int, datetime] = {}
             inserted: list[dict[str, Any]] = []
             released = 0
@@ -193,16 +208,28 @@ class Completer:
                     accepted = {row["id"]: row["finished"] for row in rows}
                 wanted = [s for job_id, s in successors.items() if job_id in accepted]
                 if wanted:
-                    payload = json.dumps([
-                        {"from_id": s.from_id, "due": s.due.isoformat() if s.due else None,
-                         "delay_ms": s.delay_ms, "attempt": s.attempt} for s in wanted
-                    ])
-                    inserted = conn.execute(statements.get("insert_successors"), {"successors": payload}).fetchall()
+                    payload = json.dumps(
+                        [
+                            {
+                                "from_id": s.from_id,
+                                "due": s.due.isoformat() if s.due else None,
+                                "delay_ms": s.delay_ms,
+                                "attempt": s.attempt,
+                            }
+                            for s in wanted
+                        ]
+                    )
+                    inserted = conn.execute(
+                        statements.get("insert_successors"), {"successors": payload}
+                    ).fetchall()
                 if releasing:
-                    row = conn.execute(statements.get("release"), {
-                        "ids": [o.job.id for o in releasing],
-                        "claims": [o.job.claims for o in releasing],
-                    }).fetchone()
+                    row = conn.execute(
+                        statements.get("release"),
+                        {
+                            "ids": [o.job.id for o in releasing],
+                            "claims": [o.job.claims for o in releasing],
+                        },
+                    ).fetchone()
                     released = int(row["n"]) if row else 0
             return accepted, inserted, released
 
@@ -219,12 +246,18 @@ class Completer:
                 finished = accepted.get(job.id)
                 if finished is None:
                     logger.warning(
-                        "job %d (%s): result rejected: the run lost its lease and the job was rescued",
-                        job.id, job.type, extra={"job_id": job.id, "job_type": job.type},
+                        "job %d (%s): result rejected: the run lost its lease and the job was rescued",  # noqa: E501
+                        job.id,
+                        job.type,
+                        extra={"job_id": job.id, "job_type": job.type},
                     )
                 else:
                     self._outbox.event(job_event(outcome.ending, job, finished=finished))
                     successor_id = successor_of.get(job.id)
                     if successor_id is not None:
-                        self._outbox.event(job_event("rescheduled", job, finished=finished, successor_id=successor_id))
+                        self._outbox.event(
+                            job_event(
+                                "rescheduled", job, finished=finished, successor_id=successor_id
+                            )
+                        )
             self._on_done(outcome)

@@ -1,4 +1,5 @@
-"""What a handler gets: ``ctx.job``, ``ctx.log``, ``ctx.db``, ``ctx.notify_user``, ``ctx.broadcast``."""
+"""What a handler gets: ``ctx.job``, ``ctx.log``, ``ctx.db``, ``ctx.notify_user`` and
+``ctx.broadcast``."""
 
 from __future__ import annotations
 
@@ -35,8 +36,10 @@ class JobDatabase:
         self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None
     ) -> list[dict[str, Any]]:
         async with self._slots:
-            conn = self._idle.pop() if self._idle else await connect(
-                self._url, application_name="qdworker-job"
+            conn = (
+                self._idle.pop()
+                if self._idle
+                else await connect(self._url, application_name="qdworker-job")
             )
             try:
                 rows = await conn.execute(sql, params)
@@ -63,8 +66,12 @@ class JobContext:
     """The handler's view of its job and of the worker (trio coroutines)."""
 
     def __init__(
-        self, job: Job, log: logging.LoggerAdapter[logging.Logger], db: JobDatabase,
-        outbox: Outbox, worker_id: str,
+        self,
+        job: Job,
+        log: logging.LoggerAdapter[logging.Logger],
+        db: JobDatabase,
+        outbox: Outbox,
+        worker_id: str,
     ) -> None:
         self.job = job
         self.log = log
@@ -75,7 +82,9 @@ class JobContext:
     async def notify_user(self, user_id: int, message: Mapping[str, Any]) -> None:
         """Send ``message`` to websocket clients of ``user_id`` (through the supervisor)."""
         _check_message(message)
-        await self._outbox.send({"kind": "send-to-user", "user_id": int(user_id), "message": message})
+        await self._outbox.send(
+            {"kind": "send-to-user", "user_id": int(user_id), "message": message}
+        )
 
     async def broadcast(self, message: Mapping[str, Any]) -> None:
         """Send ``message`` to every websocket client."""

@@ -44,7 +44,11 @@ class LeaseKeeper:
     ``on_cancel(job_id)`` is scheduled into the trio loop."""
 
     def __init__(
-        self, url: str, owner: str, lease_seconds: float, runs: Callable[[], list[Run]],
+        self,
+        url: str,
+        owner: str,
+        lease_seconds: float,
+        runs: Callable[[], list[Run]],
         on_cancel: Callable[[int], None],
     ) -> None:
         self._url = url
@@ -77,8 +81,12 @@ class LeaseKeeper:
         while not self._stop.wait(CHECK_SECONDS):
             try:
                 if conn is None or conn.closed:
-                    conn = psycopg.connect(self._url, autocommit=True, row_factory=dict_row,
-                                           application_name="qdworker-leases")
+                    conn = psycopg.connect(
+                        self._url,
+                        autocommit=True,
+                        row_factory=dict_row,
+                        application_name="qdworker-leases",
+                    )
                 if time.monotonic() >= next_renew:
                     self._renew(conn)
                     next_renew = time.monotonic() + renew_every
@@ -92,8 +100,9 @@ class LeaseKeeper:
             conn.close()
 
     def _renew(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
-        rows = conn.execute(statements.get("renew_leases"),
-                            {"owner": self._owner, "lease_seconds": self._lease}).fetchall()
+        rows = conn.execute(
+            statements.get("renew_leases"), {"owner": self._owner, "lease_seconds": self._lease}
+        ).fetchall()
         self.renewals += 1
         for row in rows:
             if row["cancel_requested"]:
@@ -104,28 +113,45 @@ class LeaseKeeper:
         if now - self.loop_tick < LOOP_STALL_SECONDS:
             return
         runs = self._runs()
-        stuck = [r for r in runs if r.deadline is not None and now > r.deadline + STUCK_GRACE_SECONDS]
+        stuck = [
+            r for r in runs if r.deadline is not None and now > r.deadline + STUCK_GRACE_SECONDS
+        ]
         if not stuck:
             return
         others = [r for r in runs if r not in stuck]
         for run in stuck:
             logger.error(
                 "job %d (%s) ignores its timeout and blocks the worker: failing it and replacing "
-                "this worker process", run.job.id, run.job.type,
+                "this worker process",
+                run.job.id,
+                run.job.type,
                 extra={"job_id": run.job.id, "job_type": run.job.type},
             )
         timeout = [
-            json.dumps(error_result(
-                "timed out and ignored cancellation; the worker process was replaced", "JobTimeout"))
+            json.dumps(
+                error_result(
+                    "timed out and ignored cancellation; the worker process was replaced",
+                    "JobTimeout",
+                )
+            )
             for _ in stuck
         ]
         with conn.transaction():
-            conn.execute(statements.get("complete"), {
-                "ids": [r.job.id for r in stuck], "claims": [r.job.claims for r in stuck],
-                "success": [False for _ in stuck], "results": timeout,
-            })
+            conn.execute(
+                statements.get("complete"),
+                {
+                    "ids": [r.job.id for r in stuck],
+                    "claims": [r.job.claims for r in stuck],
+                    "success": [False for _ in stuck],
+                    "results": timeout,
+                },
+            )
             if others:
-                conn.execute(statements.get("release"), {
-                    "ids": [r.job.id for r in others], "claims": [r.job.claims for r in others],
-                })
+                conn.execute(
+                    statements.get("release"),
+                    {
+                        "ids": [r.job.id for r in others],
+                        "claims": [r.job.claims for r in others],
+                    },
+                )
         os._exit(EXIT_STUCK)

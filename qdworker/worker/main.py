@@ -6,8 +6,8 @@ modules, and runs :class:`Worker` until told to stop:
 
 * first SIGTERM/SIGINT: stop claiming; running jobs get ``QDWORKER_SHUTDOWN_TIMEOUT`` seconds,
   then they are cancelled and released (pending again at once); exit 0;
-* second signal, or the supervisor's end of the socket closing (it died): cancel and release
-  at once; exit 0 within about a second;
+* second signal, SIGUSR1 (the supervisor's "hurry"), or the supervisor's end of the socket
+  closing (it died): cancel and release at once; exit 0 within about a second;
 * a handler that blocks the process past its timeout: exit :data:`~.leases.EXIT_STUCK`.
 
 A start-up failure (bad job module, database unreachable) exits with status 2.
@@ -80,17 +80,31 @@ class Worker:
         self._completed = 0
         self._failed = 0
         self.db = JobDatabase(url, cfg.concurrency)
-        self.completer = Completer(url, outbox, cfg.timezone, lambda: self.claimer.clock_offset, self._written)
+        self.completer = Completer(
+            url, outbox, cfg.timezone, lambda: self.claimer.clock_offset, self._written
+        )
         self.claimer = Claimer(
-            url, worker_id, cfg.lease_seconds, cfg.poll_interval, self.wake, self._free,
-            self._spawn, self.stop_claiming,
+            url,
+            worker_id,
+            cfg.lease_seconds,
+            cfg.poll_interval,
+            self.wake,
+            self._free,
+            self._spawn,
+            self.stop_claiming,
         )
         self.listener = Listener(url, self.wake, self.cancel_run)
         self._jobs: trio.Nursery | None = None
 
     def statistics(self) -> WorkerStatistics:
-        return WorkerStatistics(self.worker_id, len(self.runs), self._completed, self._failed,
-                                self.claimer.statistics().claimed, self._unwritten)
+        return WorkerStatistics(
+            self.worker_id,
+            len(self.runs),
+            self._completed,
+            self._failed,
+            self.claimer.statistics().claimed,
+            self._unwritten,
+        )
 
     # -- slots -------------------------------------------------------------------------------
     def _free(self) -> int:
@@ -118,15 +132,23 @@ class Worker:
         job = claimed.job
         if claimed.lost and self._lost_too_often(job):
             limit = job.max_attempts if job.max_attempts is not None else self.cfg.max_lost_runs
-            reason = (f"the worker running this job was lost {job.lost_runs} time(s) "
-                      f"(crashed or killed); giving up after {limit} attempt(s)")
+            reason = (
+                f"the worker running this job was lost {job.lost_runs} time(s) "
+                f"(crashed or killed); giving up after {limit} attempt(s)"
+            )
             self._unwritten += 1
-            self.completer.submit(Outcome(job, "failed", error_result(reason, "WorkerLost"), retry=False))
+            self.completer.submit(
+                Outcome(job, "failed", error_result(reason, "WorkerLost"), retry=False)
+            )
             return
         if claimed.lost:
-            logger.warning("job %d (%s): previous run was lost with its worker; running again "
-                           "(attempt %d)", job.id, job.type, job.attempt,
-                           extra={"job_id": job.id, "job_type": job.type})
+            logger.warning(
+                "job %d (%s): previous run was lost with its worker; running again (attempt %d)",
+                job.id,
+                job.type,
+                job.attempt,
+                extra={"job_id": job.id, "job_type": job.type},
+            )
         run = Run(job)
         self.runs[job.id] = run
         assert self._jobs is not None
@@ -151,9 +173,13 @@ class Worker:
         async def watch() -> None:
             await trio.sleep(RELEASE_GRACE_SECONDS * 3)
             if run.thread_done is not None and not run.thread_done.is_set():
-                logger.error("job %d (%s): its handler thread ignores cancellation; replacing "
-                             "this worker process", run.job.id, run.job.type,
-                             extra={"job_id": run.job.id, "job_type": run.job.type})
+                logger.error(
+                    "job %d (%s): its handler thread ignores cancellation; replacing "
+                    "this worker process",
+                    run.job.id,
+                    run.job.type,
+                    extra={"job_id": run.job.id, "job_type": run.job.type},
+                )
                 from .leases import EXIT_STUCK
 
                 self.exit_code = EXIT_STUCK
@@ -168,8 +194,13 @@ class Worker:
     def cancel_run(self, job_id: int, reason: str = "cancelled by request") -> None:
         run = self.runs.get(job_id)
         if run is not None:
-            logger.info("job %d (%s): cancelling (%s)", job_id, run.job.type, reason,
-                        extra={"job_id": job_id, "job_type": run.job.type})
+            logger.info(
+                "job %d (%s): cancelling (%s)",
+                job_id,
+                run.job.type,
+                reason,
+                extra={"job_id": job_id, "job_type": run.job.type},
+            )
             run.cancel(reason)
 
     def request_stop(self, immediate: bool = False) -> None:
@@ -179,11 +210,14 @@ class Worker:
             self.immediate.set()
 
     async def _signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGUSR1) as signals:
             async for signum in signals:
-                immediate = self.stop_claiming.is_set()
-                logger.info("%s: %s", signal.Signals(signum).name,
-                            "cancelling running jobs now" if immediate else "finishing running jobs")
+                immediate = self.stop_claiming.is_set() or signum == signal.SIGUSR1
+                logger.info(
+                    "%s: %s",
+                    signal.Signals(signum).name,
+                    "cancelling running jobs now" if immediate else "finishing running jobs",
+                )
                 self.request_stop(immediate)
 
     async def _supervisor_gone(self) -> None:
@@ -194,15 +228,22 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             stats = self.statistics()
-            await self.outbox.send({"kind": "heartbeat", "running": stats.running,
-                                    "completed": stats.completed, "failed": stats.failed,
-                                    "claimed": stats.claimed})
+            await self.outbox.send(
+                {
+                    "kind": "heartbeat",
+                    "running": stats.running,
+                    "completed": stats.completed,
+                    "failed": stats.failed,
+                    "claimed": stats.claimed,
+                }
+            )
             await trio.sleep(HEARTBEAT_SECONDS)
 
     async def _drain(self) -> None:
         """After claiming stopped: let runs finish, then release what is left."""
         with trio.move_on_after(self.cfg.shutdown_timeout):
             async with trio.open_nursery() as race:
+
                 async def until_empty() -> None:
                     while self.runs:
                         await self.wake.wait_until(math.inf)
@@ -224,8 +265,13 @@ class Worker:
 
     async def run(self) -> int:
         """Run until stopped; return the exit status."""
-        keeper = LeaseKeeper(self.url, self.worker_id, self.cfg.lease_seconds,
-                             lambda: list(self.runs.values()), self.cancel_run)
+        keeper = LeaseKeeper(
+            self.url,
+            self.worker_id,
+            self.cfg.lease_seconds,
+            lambda: list(self.runs.values()),
+            self.cancel_run,
+        )
         async with trio.open_nursery() as services:
             await services.start(self.outbox.run)
             services.start_soon(self._signals)
@@ -238,17 +284,25 @@ class Worker:
             async with maybe_asyncio, trio.open_nursery() as jobs:
                 self._jobs = jobs
                 await jobs.start(self.claimer.run)
-                await self.outbox.send({"kind": "worker-started", "worker_id": self.worker_id,
-                                        "pid": os.getpid()})
+                await self.outbox.send(
+                    {"kind": "worker-started", "worker_id": self.worker_id, "pid": os.getpid()}
+                )
                 services.start_soon(self._heartbeat)
-                logger.info("worker %s ready (concurrency %d)", self.worker_id, self.cfg.concurrency)
+                logger.info(
+                    "worker %s ready (concurrency %d)", self.worker_id, self.cfg.concurrency
+                )
                 await self.stop_claiming.wait()
                 await self._drain()
                 jobs.cancel_scope.cancel()
             keeper.stop()
             with trio.move_on_after(1.0):
-                await self.outbox.send({"kind": "worker-shutdown", "worker_id": self.worker_id,
-                                        "exit_code": self.exit_code})
+                await self.outbox.send(
+                    {
+                        "kind": "worker-shutdown",
+                        "worker_id": self.worker_id,
+                        "exit_code": self.exit_code,
+                    }
+                )
             await self.db.aclose()
             services.cancel_scope.cancel()
         return self.exit_code
@@ -275,8 +329,10 @@ def _setup_logging(cfg: config_module.Config, worker_id: str) -> None:
     try:
         from .. import logs
     except ImportError:
-        logging.basicConfig(level=config_module.LOG_LEVELS[cfg.worker_log_level],
-                            format=f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s")
+        logging.basicConfig(
+            level=config_module.LOG_LEVELS[cfg.worker_log_level],
+            format=f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",
+        )
         return
     logs.setup(cfg.worker_log_level, cfg.log_format, worker_id)
 
@@ -308,8 +364,10 @@ def main() -> None:
             outbox = Outbox(ipc.child_stream_from_env())
             return await Worker(cfg, worker_id, cfg.database_url or "", outbox).run()
     else:
+
         async def open_and_run() -> int:
             return await Worker(cfg, worker_id, cfg.database_url or "", Outbox(stream)).run()
+
     try:
         code = trio.run(open_and_run)
     except Exception:

@@ -8,6 +8,7 @@ go through a bounded channel: :meth:`Outbox.send` waits when it is full.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Mapping
@@ -42,7 +43,9 @@ class Outbox:
     def __init__(self, stream: trio.SocketStream | None) -> None:
         self._stream = stream
         self._events: deque[dict[str, Any]] = deque()
-        self._send, self._receive = trio.open_memory_channel[Mapping[str, Any]](MAX_PENDING_MESSAGES)
+        self._send, self._receive = trio.open_memory_channel[Mapping[str, Any]](
+            MAX_PENDING_MESSAGES
+        )
         self._wake = trio.Event()
         self._frames = 0
         self._sent = 0
@@ -84,11 +87,12 @@ class Outbox:
             logger.warning("IPC stream to the supervisor is closed")
             self.closed.set()
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                try:
-                    await self._flush()
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    pass
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(1.0),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await self._flush()
 
     async def _flush(self) -> None:
         assert self._stream is not None
@@ -100,7 +104,9 @@ class Outbox:
             await ipc.send(self._stream, msg)
             self._frames += 1
         while self._events:
-            batch = [self._events.popleft() for _ in range(min(EVENTS_PER_FRAME, len(self._events)))]
+            batch = [
+                self._events.popleft() for _ in range(min(EVENTS_PER_FRAME, len(self._events)))
+            ]
             await ipc.send(self._stream, {"kind": "job-events", "events": batch})
             self._frames += 1
             self._sent += len(batch)

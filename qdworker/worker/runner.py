@@ -108,11 +108,15 @@ async def run_job(run: Run, ctx: JobContext, default_timeout: float | None = Non
     """Run ``run.job`` to an :class:`Outcome`. Never raises (except trio.Cancelled from outside)."""
     job = run.job
     if job.cron_schedule is not None and not cron.is_valid(job.cron_schedule):
-        message = f"invalid cron_schedule {job.cron_schedule!r}: expected 5 fields or 6 (seconds first)"
+        message = (
+            f"invalid cron_schedule {job.cron_schedule!r}: expected 5 fields or 6 (seconds first)"
+        )
         return Outcome(job, "failed", error_result(message, "InvalidJob"), retry=False)
     job_type = registry.get(job.type)
     if job_type is None:
-        return Outcome(job, "failed", error_result(f"unknown job type '{job.type}'", "UnknownJobType"))
+        return Outcome(
+            job, "failed", error_result(f"unknown job type '{job.type}'", "UnknownJobType")
+        )
     timeout = job.timeout_seconds or job_type.timeout or default_timeout
     if timeout is not None:
         run.deadline = time.monotonic() + timeout
@@ -127,9 +131,15 @@ async def run_job(run: Run, ctx: JobContext, default_timeout: float | None = Non
         if run.releasing:
             return Outcome(job, "release")
         if run.cancel_reason is not None:
-            return Outcome(job, "cancelled", error_result(f"Job cancelled: {run.cancel_reason}", "JobCancelled"))
+            return Outcome(
+                job,
+                "cancelled",
+                error_result(f"Job cancelled: {run.cancel_reason}", "JobCancelled"),
+            )
         if run.scope.cancelled_caught:
-            return Outcome(job, "timed_out", error_result(f"timed out after {timeout:g} s", "JobTimeout"))
+            return Outcome(
+                job, "timed_out", error_result(f"timed out after {timeout:g} s", "JobTimeout")
+            )
     problem = _check_result(value)
     if problem is not None:
         return Outcome(job, "failed", problem)

@@ -79,7 +79,9 @@ def test_type_is_required(sql: psycopg.Connection) -> None:
 
 
 def test_tag_rule_cancels_pending_only(sql: psycopg.Connection) -> None:
-    pending = sql.execute("INSERT INTO worker_jobs (type, tag) VALUES ('x', 't') RETURNING id").fetchone()
+    pending = sql.execute(
+        "INSERT INTO worker_jobs (type, tag) VALUES ('x', 't') RETURNING id"
+    ).fetchone()
     running = sql.execute(
         "INSERT INTO worker_jobs (type, tag) VALUES ('x', 'u') RETURNING id"
     ).fetchone()
@@ -137,9 +139,10 @@ def test_tag_rule_race_leaves_one_pending_row(db_url: str) -> None:
 
 
 def test_insert_notifies_workers(db_url: str) -> None:
-    with psycopg.connect(db_url, autocommit=True) as listener, psycopg.connect(
-        db_url, autocommit=True
-    ) as writer:
+    with (
+        psycopg.connect(db_url, autocommit=True) as listener,
+        psycopg.connect(db_url, autocommit=True) as writer,
+    ):
         listener.execute("LISTEN qdworker_jobs")
         writer.execute("INSERT INTO worker_jobs (type) SELECT 'x' FROM generate_series(1, 3)")
         notes = list(listener.notifies(timeout=5, stop_after=1))
@@ -154,8 +157,13 @@ def test_cancel_job_function(sql: psycopg.Connection) -> None:
     assert job is not None
     outcome = sql.execute("SELECT qdworker_cancel_job(%s, 'stop')", (job["id"],)).fetchone()
     assert outcome is not None and outcome["qdworker_cancel_job"] == "cancelled"
-    row = sql.execute("SELECT success, result FROM worker_jobs WHERE id = %s", (job["id"],)).fetchone()
-    assert row == {"success": False, "result": {"error": "Job cancelled: stop", "error_type": "JobCancelled"}}
+    row = sql.execute(
+        "SELECT success, result FROM worker_jobs WHERE id = %s", (job["id"],)
+    ).fetchone()
+    assert row == {
+        "success": False,
+        "result": {"error": "Job cancelled: stop", "error_type": "JobCancelled"},
+    }
     again = sql.execute("SELECT qdworker_cancel_job(%s)", (job["id"],)).fetchone()
     assert again is not None and again["qdworker_cancel_job"] == "finished"
     missing = sql.execute("SELECT qdworker_cancel_job(-1)").fetchone()
@@ -182,11 +190,27 @@ async def test_migrations_give_the_schema_and_rerun_is_noop(empty_db_url: str, d
     with psycopg.connect(db_url, row_factory=psycopg.rows.dict_row) as template:
         assert fresh == template.execute(SCHEMA_QUERY).fetchall()
     names = [row["column_name"] for row in fresh if row["table_name"] == "worker_jobs"]
-    for column in (
-        "id tag type user_id data due started finished remove_at success result cron_schedule "
-        "auto_reschedule_on_failure auto_reschedule_on_failure_delay remove_delay "
-        "rescheduled_from_job persistent created_at updated_at"
-    ).split():
+    for column in [
+        "id",
+        "tag",
+        "type",
+        "user_id",
+        "data",
+        "due",
+        "started",
+        "finished",
+        "remove_at",
+        "success",
+        "result",
+        "cron_schedule",
+        "auto_reschedule_on_failure",
+        "auto_reschedule_on_failure_delay",
+        "remove_delay",
+        "rescheduled_from_job",
+        "persistent",
+        "created_at",
+        "updated_at",
+    ]:
         assert column in names
 
 

@@ -23,26 +23,31 @@ T = TypeVar("T")
 def env_for(db_url: str, **settings: str) -> dict[str, str]:
     """Environment of a qdworker process on ``db_url`` that can import the test job types."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("QDWORKER_", "WORKER_"))}
-    env.update({
-        "DATABASE_URL": db_url,
-        "QDWORKER_JOBS": "qdtest_jobs",
-        "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)]),
-        "QDWORKER_WS": "false",
-        "WORKER_LOG_LEVEL": "info",
-        "QDWORKER_POLL_INTERVAL": "5",
-    })
+    env.update(
+        {
+            "DATABASE_URL": db_url,
+            "QDWORKER_JOBS": "qdtest_jobs",
+            "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)]),
+            "QDWORKER_WS": "false",
+            "WORKER_LOG_LEVEL": "info",
+            "QDWORKER_POLL_INTERVAL": "5",
+        }
+    )
     env.update(settings)
     return env
 
 
 def start_worker(db_url: str, **settings: str) -> subprocess.Popen[bytes]:
     """A bare worker child (no supervisor, no IPC)."""
-    return subprocess.Popen([sys.executable, "-m", "qdworker.worker"], env=env_for(db_url, **settings))
+    return subprocess.Popen(
+        [sys.executable, "-m", "qdworker.worker"], env=env_for(db_url, **settings)
+    )
 
 
 def start_supervisor(db_url: str, *args: str, **settings: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "qdworker", *args], env=env_for(db_url, **settings),
+        [sys.executable, "-m", "qdworker", *args],
+        env=env_for(db_url, **settings),
         start_new_session=True,
     )
 
@@ -70,7 +75,10 @@ def running(proc: subprocess.Popen[bytes]) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def wait_for(
-    db_url: str, query: str, ready: Callable[[list[dict[str, Any]]], bool], timeout: float = 20,
+    db_url: str,
+    query: str,
+    ready: Callable[[list[dict[str, Any]]], bool],
+    timeout: float = 20,
     params: Any = None,
 ) -> list[dict[str, Any]]:
     """Run ``query`` until ``ready(rows)`` holds; fail after ``timeout`` seconds.

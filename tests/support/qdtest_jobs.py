@@ -78,7 +78,7 @@ async def exit_process(ctx: Any) -> None:
 
 @job("blockLoop", timeout=1.0)
 async def block_loop(ctx: Any) -> None:
-    time.sleep(float(ctx.job.data.get("seconds", 30)))
+    time.sleep(float(ctx.job.data.get("seconds", 30)))  # noqa: ASYNC251 (the point of the test)
 
 
 @job("blockThread", timeout=1.0)

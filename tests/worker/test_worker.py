@@ -19,10 +19,13 @@ def sql(db_url: str, query: str, params: object = None) -> list[dict[str, object
 
 
 def test_jobs_inserted_by_sql_finish_with_their_results(jobs_db: str) -> None:
-    sql(jobs_db, """INSERT INTO worker_jobs (type, data) VALUES
+    sql(
+        jobs_db,
+        """INSERT INTO worker_jobs (type, data) VALUES
         ('noop', '{}'), ('echo', '{"a": 1}'), ('boom', '{"message": "bad thing"}'),
         ('badResult', '{}'), ('hugeResult', '{}'), ('nope', '{}'), ('threaded', '{}'),
-        ('aio', '{}'), ('record', '{}')""")
+        ('aio', '{}'), ('record', '{}')""",
+    )
     with running(start_worker(jobs_db)) as worker:
         rows = wait_for(jobs_db, JOBS, all_finished)
         results = {r["type"]: (r["success"], r["result"]) for r in rows}
@@ -32,7 +35,10 @@ def test_jobs_inserted_by_sql_finish_with_their_results(jobs_db: str) -> None:
         assert results["badResult"][0] is False
         assert results["badResult"][1]["error"].startswith("result is not JSON-serialisable")
         assert results["hugeResult"][0] is False and "limit" in results["hugeResult"][1]["error"]
-        assert results["nope"] == (False, {"error": "unknown job type 'nope'", "error_type": "UnknownJobType"})
+        assert results["nope"] == (
+            False,
+            {"error": "unknown job type 'nope'", "error_type": "UnknownJobType"},
+        )
         assert results["threaded"] == (True, {"thread": True})
         assert results["aio"] == (True, {"asyncio": True, "answer": 42})
         # the worker keeps going after all that
@@ -44,7 +50,10 @@ def test_jobs_inserted_by_sql_finish_with_their_results(jobs_db: str) -> None:
 def test_sigkilled_worker_job_runs_again_and_stale_completion_is_rejected(jobs_db: str) -> None:
     settings = {"QDWORKER_LEASE_SECONDS": "1", "QDWORKER_POLL_INTERVAL": "0.5"}
     with running(start_worker(jobs_db, **settings)) as first:
-        [job] = sql(jobs_db, "INSERT INTO worker_jobs (type, data) VALUES ('sleep', '{\"seconds\": 60}') RETURNING id, claims")
+        [job] = sql(
+            jobs_db,
+            "INSERT INTO worker_jobs (type, data) VALUES ('sleep', '{\"seconds\": 60}') RETURNING id, claims",
+        )
         wait_for(jobs_db, "SELECT * FROM test_runs", lambda rows: len(rows) == 1)
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -59,16 +68,26 @@ def test_sigkilled_worker_job_runs_again_and_stale_completion_is_rejected(jobs_d
     # the first run's completion, fenced by its claim count, is refused
     from qdworker.db import statements
 
-    refused = sql(jobs_db, statements.get("complete"), {
-        "ids": [job["id"]], "claims": [stale["claims"]], "success": [False], "results": ['{"late": true}'],
-    })
+    refused = sql(
+        jobs_db,
+        statements.get("complete"),
+        {
+            "ids": [job["id"]],
+            "claims": [stale["claims"]],
+            "success": [False],
+            "results": ['{"late": true}'],
+        },
+    )
     assert refused == []
     assert sql(jobs_db, "SELECT result FROM worker_jobs")[0]["result"] == {"slept": 0.1}
 
 
 def test_long_job_is_not_rerun_while_its_worker_lives(jobs_db: str) -> None:
     settings = {"QDWORKER_LEASE_SECONDS": "1", "QDWORKER_POLL_INTERVAL": "0.2"}
-    with running(start_worker(jobs_db, **settings)) as a, running(start_worker(jobs_db, **settings)) as b:
+    with (
+        running(start_worker(jobs_db, **settings)) as a,
+        running(start_worker(jobs_db, **settings)) as b,
+    ):
         sql(jobs_db, "INSERT INTO worker_jobs (type, data) VALUES ('sleep', '{\"seconds\": 3.5}')")
         rows = wait_for(jobs_db, JOBS, all_finished, timeout=30)
         assert stop(a) == 0 and stop(b) == 0
@@ -78,16 +97,22 @@ def test_long_job_is_not_rerun_while_its_worker_lives(jobs_db: str) -> None:
 
 def test_sigterm_finishes_short_jobs_and_releases_long_ones(jobs_db: str) -> None:
     with running(start_worker(jobs_db, QDWORKER_SHUTDOWN_TIMEOUT="1.5")) as worker:
-        sql(jobs_db, """INSERT INTO worker_jobs (type, data) VALUES
+        sql(
+            jobs_db,
+            """INSERT INTO worker_jobs (type, data) VALUES
             ('sleep', '{"seconds": 0.3}'), ('sleep', '{"seconds": 0.3}'),
-            ('sleep', '{"seconds": 60}'), ('sleep', '{"seconds": 60}')""")
+            ('sleep', '{"seconds": 60}'), ('sleep', '{"seconds": 60}')""",
+        )
         wait_for(jobs_db, "SELECT * FROM test_runs", lambda rows: len(rows) == 4)
         assert stop(worker) == 0
     rows = sql(jobs_db, JOBS)
     assert [r["success"] for r in rows[:2]] == [True, True]
     for row in rows[2:]:
         assert row["started"] is None and row["finished"] is None and row["lease_owner"] is None
-    assert sql(jobs_db, "SELECT * FROM worker_jobs WHERE started IS NOT NULL AND finished IS NULL") == []
+    assert (
+        sql(jobs_db, "SELECT * FROM worker_jobs WHERE started IS NOT NULL AND finished IS NULL")
+        == []
+    )
 
 
 def test_second_sigterm_cancels_at_once(jobs_db: str) -> None:
@@ -116,8 +141,13 @@ def test_job_due_later_starts_on_time(jobs_db: str) -> None:
     with running(start_worker(jobs_db, QDWORKER_POLL_INTERVAL="30")) as worker:
         sql(jobs_db, "INSERT INTO worker_jobs (type) VALUES ('noop')")
         wait_for(jobs_db, JOBS, all_finished)
-        [job] = sql(jobs_db, "INSERT INTO worker_jobs (type, due) VALUES ('noop', now() + interval '2 seconds') RETURNING id, due")
-        rows = wait_for(jobs_db, "SELECT * FROM worker_jobs WHERE id = %s", all_finished, params=(job["id"],))
+        [job] = sql(
+            jobs_db,
+            "INSERT INTO worker_jobs (type, due) VALUES ('noop', now() + interval '2 seconds') RETURNING id, due",
+        )
+        rows = wait_for(
+            jobs_db, "SELECT * FROM worker_jobs WHERE id = %s", all_finished, params=(job["id"],)
+        )
         assert stop(worker) == 0
     late = rows[0]["started"] - job["due"]
     assert timedelta(0) <= late < timedelta(seconds=0.5)
