@@ -8,6 +8,7 @@ dropped afterwards. Async fixtures are function-scoped (pytest-trio).
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+# Test helpers (procs) and job types (qdtest_jobs) live in tests/support.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 TEMPLATE_DB = "qdworker_test_template"
 DATA_DIR = Path(os.environ.get("QDWORKER_TEST_DATA_DIR", "/tmp/qdworker-test-pg"))
