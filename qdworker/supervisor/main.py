@@ -19,16 +19,15 @@ false); built-in cron jobs are ensured; the websocket server and events hub star
 
 Shutdown: :meth:`Manager.shutdown` (or :meth:`Manager.request_shutdown`) sends every child
 SIGTERM and waits for them (each gets ``shutdown_timeout`` + a margin before SIGKILL);
-``immediate=True`` (a second signal) sends a second SIGTERM and SIGKILLs after a short grace.
-Then the services stop, the connections close and the embedded server is stopped. Cancelling
-:func:`serve` instead terminates the children the same way (shielded) before it returns.
+``immediate=True`` (a second signal) sends SIGUSR1 (cancel jobs now) and SIGKILLs after a
+short grace. Then the services stop, the connections close and the embedded server is
+stopped. Cancelling :func:`serve` instead terminates the children the same way (shielded)
+before it returns.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -43,6 +42,9 @@ from ..config import Config
 from ..db import embedded, migrate
 from ..db.connection import Connection, connect, redact
 from ..errors import ConfigError, EmbeddedDatabaseError
+from ..events import websocket
+from ..events.hub import Hub
+from ..jobs import builtin
 from ..model import Job
 from . import children as children_module
 from .children import Child, ChildStatistics, MessageHandler
@@ -53,7 +55,7 @@ __all__ = [
     "SupervisorStatistics",
     "check_ws_settings",
     "embedded_database",
-    "ensure_builtin_jobs",
+    "ensure_startup_jobs",
     "serve",
 ]
 
@@ -62,7 +64,8 @@ logger = logging.getLogger(__name__)
 #: Interval of the one-line health summary (debug level).
 HEALTH_LOG_INTERVAL_SECONDS: Final = 30.0
 
-_BUILTIN_MODULE: Final = "qdworker.jobs.builtin"
+#: The optional web3 part: when it is among the job modules, its cron jobs are ensured too.
+WEB3_MODULE: Final = "qdworker.web3"
 
 
 @dataclass(frozen=True)
@@ -201,33 +204,16 @@ async def embedded_database(config: Config) -> AsyncIterator[str]:
             await trio.to_thread.run_sync(embedded.stop, server)
 
 
-async def ensure_builtin_jobs(conn: Connection, timezone: str) -> None:
-    """Hook: call ``qdworker.jobs.builtin.ensure_builtin_jobs(conn, timezone)`` (sync or async)
-    if that module exists; do nothing (debug log) until it does."""
-    # HOOK(builtin jobs): qdworker/jobs/builtin.py provides ensure_builtin_jobs.
-    try:
-        module = importlib.import_module(_BUILTIN_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("qdworker.jobs", _BUILTIN_MODULE):
-            raise
-        logger.debug("no built-in jobs module (%s) yet", _BUILTIN_MODULE)
-        return
-    result = module.ensure_builtin_jobs(conn, timezone)
-    if inspect.isawaitable(result):
-        await result
+async def ensure_startup_jobs(conn: Connection, config: Config) -> None:
+    """Ensure the built-in cron jobs, and those of optional parts named in ``config.jobs``."""
+    await builtin.ensure_builtin_jobs(conn, config.timezone)
+    if WEB3_MODULE in config.jobs:
+        from ..web3 import ensure_web3_jobs
+
+        await ensure_web3_jobs(conn, config.timezone)
 
 
-def _make_hub() -> Any:
-    """The events hub, or ``None`` if :mod:`qdworker.events.hub` is not available."""
-    try:
-        from ..events.hub import Hub
-    except ImportError:
-        logger.warning("qdworker.events.hub is not available: websocket server disabled")
-        return None
-    return Hub()
-
-
-def _router(hub: Any, on_message: MessageHandler | None) -> MessageHandler:
+def _router(hub: Hub | None, on_message: MessageHandler | None) -> MessageHandler:
     def route(worker_id: str, msg: Mapping[str, Any]) -> None:
         handled = bool(hub.handle_ipc(worker_id, msg)) if hub is not None else False
         if on_message is not None:
@@ -298,11 +284,11 @@ async def _serve(
                     logger.info("applied migrations %s", ", ".join(f"{v:04d}" for v in applied))
                 else:
                     logger.debug("schema is up to date")
-            await ensure_builtin_jobs(conn, config.timezone)
+            await ensure_startup_jobs(conn, config)
         finally:
             await conn.aclose()
 
-        hub = _make_hub() if config.ws_enabled else None
+        hub = Hub() if config.ws_enabled else None
         route = _router(hub, on_message)
         argv = children_module.DEFAULT_WORKER_ARGV if worker_argv is None else tuple(worker_argv)
         prefix = children_module.worker_id_prefix()
@@ -343,10 +329,7 @@ async def _serve(
                 await manager._close()
 
 
-def _websocket_service(config: Config, hub: Any) -> Any:
-    # HOOK(events): the websocket server of qdworker.events.websocket.
-    from ..events import websocket
-
+def _websocket_service(config: Config, hub: Hub) -> Any:
     return partial(
         websocket.serve,
         hub,
