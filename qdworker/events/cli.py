@@ -14,8 +14,12 @@ __all__: list[str] = []
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--user", type=int, required=True, help="the user id (userId claim)")
-    parser.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)")
-    parser.add_argument("--admin", action="store_true", help="an admin token: sees every user's events")
+    parser.add_argument(
+        "--ttl", type=float, default=3600.0, help="seconds until it expires (default 3600)"
+    )
+    parser.add_argument(
+        "--admin", action="store_true", help="an admin token: sees every user's events"
+    )
 
 
 def _token(args: argparse.Namespace, config: Config) -> int:

@@ -32,6 +32,12 @@ class JobDatabase:
         self._idle: list[Connection] = []
         self._slots = trio.Semaphore(size)
 
+    @property
+    def url(self) -> str:
+        """The job database's URL, for handlers that need a connection of their own (for
+        example to hold a transaction across statements)."""
+        return self._url
+
     async def execute(
         self, sql: str, params: Mapping[str, Any] | Sequence[Any] | None = None
     ) -> list[dict[str, Any]]:
@@ -109,3 +115,4 @@ class _AsyncioDatabase:
         import trio_asyncio
 
         self.execute = trio_asyncio.trio_as_aio(db.execute)
+        self.url = db.url

@@ -353,6 +353,9 @@ def main() -> None:
         from ..jobs import builtin  # noqa: F401  (registers the built-in job types)
 
         registry.import_modules(cfg.jobs)
+    except QdworkerError as exc:  # e.g. a job module's own settings are invalid
+        logger.error("cannot load job modules %s: %s", ",".join(cfg.jobs), exc)  # noqa: TRY400 (one line, no traceback)
+        sys.exit(EXIT_STARTUP)
     except Exception:
         logger.exception("cannot import job modules %s", ",".join(cfg.jobs))
         sys.exit(EXIT_STARTUP)

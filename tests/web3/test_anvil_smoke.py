@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -218,58 +217,3 @@ async def test_rpc_outage_restart_same_port(tmp_path):
             assert await aio_as_trio(w3.eth.get_block_number)() == before + 1
     finally:
         await trio.to_thread.run_sync(node.close)
-
-
-async def test_bench_events_and_get_logs(anvil_node):
-    """Timings (see -s output): N transfers one tx each, batchTransfer, 500-block getLogs."""
-    async with trio_web3(anvil_node.url) as w3:
-        factory, _ = await deploy(w3, "TokenFactory")
-        token, _ = await create_token(w3, factory, "Bench", "BNCH", 18, 10**30)
-        first = await aio_as_trio(w3.eth.get_block_number)() + 1
-        recipients = [ALICE, BOB]
-
-        # 1) one transfer per tx (automine: one block per tx); explicit gas skips estimateGas
-        t0 = time.perf_counter()
-        for i in range(N_EVENTS):
-            await aio_as_trio(token.functions.transfer(recipients[i % 2], 1).transact)(
-                {"from": OWNER, "gas": 200_000}
-            )
-        t_loop = time.perf_counter() - t0
-        last = await aio_as_trio(w3.eth.get_block_number)()
-        assert last - first + 1 == N_EVENTS
-        rate = N_EVENTS / t_loop
-        report(f"{N_EVENTS} transfers, 1 tx each: {t_loop:.2f} s ({rate:.0f} events/s)")
-
-        # 2) same number of events via batchTransfer, in chunks of 250 per tx
-        t0 = time.perf_counter()
-        chunk = 250
-        for start in range(0, N_EVENTS, chunk):
-            n = min(chunk, N_EVENTS - start)
-            tos = [recipients[j % 2] for j in range(n)]
-            await transact(w3, token.functions.batchTransfer(tos, [1] * n), {"gas": 15_000_000})
-        t_batch = time.perf_counter() - t0
-        report(f"{N_EVENTS} transfers via batchTransfer({chunk}/tx): {t_batch:.2f} s")
-
-        # 3) eth_getLogs in 500-block windows over the per-tx range
-        t0 = time.perf_counter()
-        total = 0
-        windows = 0
-        for lo in range(first, last + 1, 500):
-            hi = min(lo + 499, last)
-            logs = await aio_as_trio(token.events.TokenTransferred().get_logs)(
-                from_block=lo, to_block=hi
-            )
-            total += len(logs)
-            windows += 1
-        t_logs = time.perf_counter() - t0
-        assert total == N_EVENTS
-        report(
-            f"getLogs+decode TokenTransferred, {windows} x 500-block windows, {total} logs: "
-            f"{t_logs * 1000:.0f} ms ({t_logs / windows * 1000:.0f} ms/window)"
-        )
-        t0 = time.perf_counter()
-        raw = await aio_as_trio(w3.eth.get_logs)({"fromBlock": first, "toBlock": first + 499})
-        ms = (time.perf_counter() - t0) * 1000
-        report(
-            f"raw eth_getLogs, 500 blocks, {len(raw)} logs (Transfer+TokenTransferred): {ms:.0f} ms"
-        )

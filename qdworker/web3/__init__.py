@@ -1,0 +1,38 @@
+"""qdworker's optional web3 part: the watchChain and deployMulticall3 job types.
+
+Load it in workers with ``--jobs qdworker.web3`` (or ``QDWORKER_JOBS=qdworker.web3,myapp.filters``);
+``pip install 'qdworker[web3]'`` brings web3.py and trio-asyncio. Importing this package *is*
+loading it: it validates the web3 settings (:mod:`.config`; a bad or missing value raises
+:class:`~qdworker.errors.ConfigError` with one line) and registers the two job types. The
+handlers run web3.py's ``AsyncWeb3`` through trio-asyncio (``runtime="asyncio"``).
+
+Apps register chain filters with :func:`chain_filter` (see :mod:`.filters`); supervisors call
+:func:`ensure_web3_jobs` at start (see :mod:`.startup`).
+"""
+
+from __future__ import annotations
+
+from . import config as _config
+
+_config.current()  # fail now, with one line, if the settings are bad
+
+from . import multicall3, watch  # noqa: E402  (registers the job types)
+from .config import Chain, Web3Config, current  # noqa: E402
+from .filters import ChainFilter, ChainLog, chain_filter, registered_filters  # noqa: E402
+from .startup import WEB3_CRON_JOBS, ensure_web3_jobs  # noqa: E402
+from .tx import ChainTransaction  # noqa: E402
+
+__all__ = [
+    "WEB3_CRON_JOBS",
+    "Chain",
+    "ChainFilter",
+    "ChainLog",
+    "ChainTransaction",
+    "Web3Config",
+    "chain_filter",
+    "current",
+    "ensure_web3_jobs",
+    "multicall3",
+    "registered_filters",
+    "watch",
+]
