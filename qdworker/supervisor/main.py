@@ -14,8 +14,9 @@ Start-up order (each step's error propagates from ``nursery.start`` and undoes t
 ones): websocket settings are checked (:class:`~qdworker.errors.ConfigError`); the database is
 resolved (``DATABASE_URL``, or the embedded Postgres in ``data_dir``, started in a thread and
 stopped on exit if this process started it); migrations are applied (unless ``migrate`` is
-false); built-in cron jobs are ensured; the websocket server and events hub start (if
-``ws_enabled``); ``worker_count`` children start; then ``task_status.started(manager)``.
+false); built-in cron jobs are ensured; the relay to other supervisors starts, and the
+websocket server (if ``ws_enabled``); ``worker_count`` children start; then
+``task_status.started(manager)``.
 
 Shutdown: :meth:`Manager.shutdown` (or :meth:`Manager.request_shutdown`) sends every child
 SIGTERM and waits for them (each gets ``shutdown_timeout`` + a margin before SIGKILL);
@@ -30,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +45,8 @@ from ..db import embedded, migrate
 from ..db.connection import Connection, connect, redact
 from ..errors import ConfigError, EmbeddedDatabaseError
 from ..events import websocket
-from ..events.hub import Hub
+from ..events.hub import Hub, HubStatistics
+from ..events.relay import Relay, RelayStatistics
 from ..jobs import builtin
 from ..model import Job
 from . import children as children_module
@@ -70,14 +73,15 @@ WEB3_MODULE: Final = "qdworker.web3"
 
 @dataclass(frozen=True)
 class SupervisorStatistics:
-    """A snapshot of the supervisor: its database (password hidden), websocket port, children
-    and, when the websocket server runs, the hub's statistics."""
+    """A snapshot of the supervisor: its database (password hidden), websocket port, children,
+    the events hub and the relay to other supervisors."""
 
     database: str
     ws_port: int | None
     stopping: bool
     workers: tuple[ChildStatistics, ...]
-    hub: Any
+    hub: HubStatistics
+    relay: RelayStatistics
 
 
 class Manager:
@@ -89,7 +93,8 @@ class Manager:
         config: Config,
         url: str,
         children: Sequence[Child],
-        hub: Any,
+        hub: Hub,
+        relay: Relay,
         stopped: trio.Event | None = None,
     ) -> None:
         self.config = config
@@ -97,8 +102,10 @@ class Manager:
         self.url = url
         #: The websocket server's bound port, or ``None`` when it is disabled.
         self.ws_port: int | None = None
-        #: The events hub (``qdworker.events.hub.Hub``), or ``None`` without websocket server.
+        #: The events hub: routes worker events to this supervisor's websocket clients.
         self.hub = hub
+        #: Events to and from other supervisors on the same database.
+        self.relay = relay
         self._children = tuple(children)
         self._queue: Queue | None = None
         self._queue_lock = trio.Lock()
@@ -141,13 +148,13 @@ class Manager:
         await self._stopped.wait()
 
     def statistics(self) -> SupervisorStatistics:
-        hub_statistics = self.hub.statistics() if self.hub is not None else None
         return SupervisorStatistics(
             database=redact(self.url),
             ws_port=self.ws_port,
             stopping=self._shutdown_requested.is_set(),
             workers=tuple(child.statistics() for child in self._children),
-            hub=hub_statistics,
+            hub=self.hub.statistics(),
+            relay=self.relay.statistics(),
         )
 
     async def _close(self) -> None:
@@ -213,9 +220,11 @@ async def ensure_startup_jobs(conn: Connection, config: Config) -> None:
         await ensure_web3_jobs(conn, config.timezone)
 
 
-def _router(hub: Hub | None, on_message: MessageHandler | None) -> MessageHandler:
+def _router(hub: Hub, relay: Relay, on_message: MessageHandler | None) -> MessageHandler:
     def route(worker_id: str, msg: Mapping[str, Any]) -> None:
-        handled = bool(hub.handle_ipc(worker_id, msg)) if hub is not None else False
+        handled = hub.handle_ipc(worker_id, msg)
+        if handled:
+            relay.forward(msg)
         if on_message is not None:
             on_message(worker_id, msg)
         elif not handled:
@@ -288,18 +297,22 @@ async def _serve(
         finally:
             await conn.aclose()
 
-        hub = Hub() if config.ws_enabled else None
-        route = _router(hub, on_message)
+        # The hub and relay run even without a websocket server here: other supervisors'
+        # clients may want this one's events.
+        hub = Hub()
+        relay = Relay(url, hub, f"{children_module.worker_id_prefix()}:{uuid.uuid4().hex[:8]}")
+        route = _router(hub, relay, on_message)
         argv = children_module.DEFAULT_WORKER_ARGV if worker_argv is None else tuple(worker_argv)
         prefix = children_module.worker_id_prefix()
         workers = [
             Child(config, index=i, database_url=url, on_message=route, argv=argv, id_prefix=prefix)
             for i in range(config.worker_count)
         ]
-        manager = Manager(config, url, workers, hub, stopped)
+        manager = Manager(config, url, workers, hub, relay, stopped)
         try:
             async with trio.open_nursery() as services:
-                if hub is not None:
+                await services.start(relay.run)
+                if config.ws_enabled:
                     manager.ws_port = await services.start(_websocket_service(config, hub))
                 async with trio.open_nursery() as nursery:
                     for child in workers:
