@@ -17,7 +17,7 @@ README = (ROOT / "README.rst").read_text(encoding="utf-8")
 
 def test_readme_is_valid_restructuredtext() -> None:
     docutils.core.publish_string(
-        README, writer_name="null", settings_overrides={"report_level": 2, "halt_level": 2}
+        README, writer="null", settings_overrides={"report_level": 2, "halt_level": 2}
     )
 
 
