@@ -27,13 +27,15 @@ from typing import Any
 import trio
 
 from .. import config as config_module
-from .. import registry
+from .. import logs, registry
 from ..db.connection import redact
 from ..errors import QdworkerError
+from ..model import Job
+from ..supervisor import ipc
 from .claimer import Claimed, Claimer
 from .completer import Completer
 from .context import JobContext, JobDatabase
-from .leases import LeaseKeeper
+from .leases import EXIT_STUCK, LeaseKeeper
 from .listener import Listener
 from .outbox import Outbox
 from .outcome import Outcome, job_event
@@ -154,7 +156,7 @@ class Worker:
         assert self._jobs is not None
         self._jobs.start_soon(self._run_one, run, name=f"job {job.id}")
 
-    def _lost_too_often(self, job: Any) -> bool:
+    def _lost_too_often(self, job: Job) -> bool:
         if job.max_attempts is not None:
             return bool(job.attempt > job.max_attempts)
         return bool(job.lost_runs > self.cfg.max_lost_runs)
@@ -180,8 +182,6 @@ class Worker:
                     run.job.type,
                     extra={"job_id": run.job.id, "job_type": run.job.type},
                 )
-                from .leases import EXIT_STUCK
-
                 self.exit_code = EXIT_STUCK
                 self.stop_claiming.set()
                 self.immediate.set()
@@ -325,18 +325,6 @@ def _asyncio_loop_if_needed() -> Any:
     return _NoLoop()
 
 
-def _setup_logging(cfg: config_module.Config, worker_id: str) -> None:
-    try:
-        from .. import logs
-    except ImportError:
-        logging.basicConfig(
-            level=config_module.LOG_LEVELS[cfg.worker_log_level],
-            format=f"%(asctime)s %(levelname)s [{worker_id}] %(name)s: %(message)s",
-        )
-        return
-    logs.setup(cfg.worker_log_level, cfg.log_format, worker_id)
-
-
 def main() -> None:
     """Entry point of a worker child. Exits with the worker's status."""
     worker_id = os.environ.get("QDWORKER_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}"
@@ -345,7 +333,7 @@ def main() -> None:
     except QdworkerError as exc:
         print(f"qdworker worker: {exc}", file=sys.stderr)
         sys.exit(EXIT_STARTUP)
-    _setup_logging(cfg, worker_id)
+    logs.setup(cfg.worker_log_level, cfg.log_format, worker_id)
     if not cfg.database_url:
         logger.error("DATABASE_URL is not set (the supervisor passes it to its workers)")
         sys.exit(EXIT_STARTUP)
@@ -359,17 +347,13 @@ def main() -> None:
     except Exception:
         logger.exception("cannot import job modules %s", ",".join(cfg.jobs))
         sys.exit(EXIT_STARTUP)
-    stream = None
-    if "QDWORKER_IPC_FD" in os.environ:
-        from ..supervisor import ipc
+    url = cfg.database_url
 
-        async def open_and_run() -> int:
-            outbox = Outbox(ipc.child_stream_from_env())
-            return await Worker(cfg, worker_id, cfg.database_url or "", outbox).run()
-    else:
-
-        async def open_and_run() -> int:
-            return await Worker(cfg, worker_id, cfg.database_url or "", Outbox(stream)).run()
+    async def open_and_run() -> int:
+        # Without a supervisor (no IPC fd: tests, debugging) events go nowhere.
+        with_ipc = ipc.DEFAULT_IPC_FD_ENV_VAR in os.environ
+        outbox = Outbox(ipc.child_stream_from_env() if with_ipc else None)
+        return await Worker(cfg, worker_id, url, outbox).run()
 
     try:
         code = trio.run(open_and_run)
