@@ -20,7 +20,8 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 # Test helpers (procs) and job types (qdtest_jobs) live in tests/support.
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
-TEMPLATE_DB = "qdworker_test_template"
+# One template per test session, so concurrent sessions on one server never clash.
+TEMPLATE_DB = f"qdworker_test_template_{os.getpid()}"
 DATA_DIR = Path(os.environ.get("QDWORKER_TEST_DATA_DIR", "/tmp/qdworker-test-pg"))
 
 
@@ -49,8 +50,8 @@ def pg_server_url() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def template_url(pg_server_url: str) -> str:
-    """A database with the schema applied (migrated once per session)."""
+def template_url(pg_server_url: str) -> Iterator[str]:
+    """A database with the schema applied (migrated once per session, dropped at its end)."""
     import trio
 
     from qdworker.db import connection, migrate
@@ -68,7 +69,9 @@ def template_url(pg_server_url: str) -> str:
             await conn.aclose()
 
     trio.run(setup)
-    return url
+    yield url
+    with _admin(pg_server_url) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
 
 
 @pytest.fixture
