@@ -189,6 +189,7 @@ async def embedded_database(config: Config) -> AsyncIterator[str]:
     ``config.data_dir`` (started or attached in a thread; on exit stopped if this process
     started it and nobody else uses it). Raises :class:`EmbeddedDatabaseError`."""
     if config.database_url:
+        logger.info("database: %s", redact(config.database_url))
         yield config.database_url
         return
     try:
@@ -284,7 +285,6 @@ async def _serve(
     task_status: trio.TaskStatus[Manager],
 ) -> None:
     async with embedded_database(config) as url:
-        logger.info("database: %s", redact(url))
         conn = await connect(url, application_name="qdworker-supervisor")
         try:
             if config.migrate:
