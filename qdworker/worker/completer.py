@@ -2,13 +2,15 @@
 
 Outcomes queue up while a batch is being written, so the batch size follows the load: one
 job alone is written at once, thousands per second share a few statements. Each batch is one
-transaction on the completer's own connection: ``complete`` (fenced by ``claims``: a run whose
-lease was lost is rejected and counted), then ``insert_successors`` for the accepted rows that
-need one, then ``release`` for runs given back. Retry rule (QuickDapp, fixed): a failure with
-``auto_reschedule_on_failure`` gets a new row after ``auto_reschedule_on_failure_delay`` ms
-(or exponential backoff), copying every user field including ``persistent``, until
-``max_attempts``; a cron job always gets its next tick (a failure is retried first if the retry
-comes before the tick). A cancelled job gets no successor.
+statement (``finish``, one round trip, atomic) on the completer's own connection: it finishes
+rows fenced by ``claims`` (a run whose lease was lost is rejected and counted), inserts the
+successors of the rows it finished, and gives back released runs.
+
+Retry rule (QuickDapp, fixed): a failure with ``auto_reschedule_on_failure`` gets a new row
+after ``auto_reschedule_on_failure_delay`` ms (or exponential backoff), copying every user
+field including ``persistent``, until ``max_attempts``; a cron job always gets its next tick (a
+failure is retried first if the retry comes before the tick). A cancelled job gets no
+successor.
 
 A batch that fails with a transient database error is retried on a new connection; the rows
 stay leased (and renewed) meanwhile, so nothing is lost.
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
 import trio
 
 from ..db import statements
@@ -188,58 +189,43 @@ class Completer:
         finishing = [o for o in batch if o.ending != "release"]
         releasing = [o for o in batch if o.ending == "release"]
         now = self._db_now()
-        successors = {o.job.id: s for o in finishing if (s := self._successor(o, now)) is not None}
-        params = {
-            "ids": [o.job.id for o in finishing],
-            "claims": [o.job.claims for o in finishing],
-            "success": [o.success for o in finishing],
-            "results": [json.dumps(self._final_result(o)) for o in finishing],
-        }
-
-        def transaction(
-            conn: psycopg.Connection[dict[str, Any]],
-        ) -> tuple[dict[int, datetime], list[dict[str, Any]], int]:
-            accepted: dict[int, datetime] = {}
-            inserted: list[dict[str, Any]] = []
-            released = 0
-            with conn.transaction():
-                if finishing:
-                    rows = conn.execute(statements.get("complete"), params).fetchall()
-                    accepted = {row["id"]: row["finished"] for row in rows}
-                wanted = [s for job_id, s in successors.items() if job_id in accepted]
-                if wanted:
-                    payload = json.dumps(
-                        [
-                            {
-                                "from_id": s.from_id,
-                                "due": s.due.isoformat() if s.due else None,
-                                "delay_ms": s.delay_ms,
-                                "attempt": s.attempt,
-                            }
-                            for s in wanted
-                        ]
-                    )
-                    inserted = conn.execute(
-                        statements.get("insert_successors"), {"successors": payload}
-                    ).fetchall()
-                if releasing:
-                    row = conn.execute(
-                        statements.get("release"),
+        successors = [s for o in finishing if (s := self._successor(o, now)) is not None]
+        rows = await self._conn.execute(
+            statements.get("finish"),
+            {
+                "ids": [o.job.id for o in finishing],
+                "claims": [o.job.claims for o in finishing],
+                "success": [o.success for o in finishing],
+                "results": [json.dumps(self._final_result(o)) for o in finishing],
+                "successors": json.dumps(
+                    [
                         {
-                            "ids": [o.job.id for o in releasing],
-                            "claims": [o.job.claims for o in releasing],
-                        },
-                    ).fetchone()
-                    released = int(row["n"]) if row else 0
-            return accepted, inserted, released
-
-        accepted, inserted, released = await self._conn.run(transaction)
+                            "from_id": s.from_id,
+                            "due": s.due.isoformat() if s.due else None,
+                            "delay_ms": s.delay_ms,
+                            "attempt": s.attempt,
+                        }
+                        for s in successors
+                    ]
+                ),
+                "release_ids": [o.job.id for o in releasing],
+                "release_claims": [o.job.claims for o in releasing],
+            },
+        )
+        accepted: dict[int, datetime] = {}
+        successor_of: dict[int, int] = {}
+        for row in rows:
+            kind = row["kind"]
+            if kind == "done":
+                accepted[row["id"]] = row["finished"]
+            elif kind == "successor":
+                successor_of[row["id"]] = row["successor_id"]
+            elif kind == "released":
+                self._released += 1
         self._batches += 1
         self._written += len(accepted)
         self._rejected += len(finishing) - len(accepted)
-        self._released += released
-        self._successors += len(inserted)
-        successor_of = {row["rescheduled_from_job"]: row["id"] for row in inserted}
+        self._successors += len(successor_of)
         for outcome in batch:
             job = outcome.job
             if outcome.ending != "release":

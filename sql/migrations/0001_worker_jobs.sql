@@ -48,14 +48,14 @@ CREATE TABLE worker_jobs (
 
 COMMENT ON TABLE worker_jobs IS 'qdworker jobs: insert a row to schedule a job (see README.rst).';
 
--- Claim path: unfinished rows in due order (running rows are filtered by their lease).
-CREATE INDEX worker_jobs_claim_idx ON worker_jobs (due, id) WHERE finished IS NULL;
+-- Claim path: pending rows in due order (a claimed row leaves this index).
+CREATE INDEX worker_jobs_pending_idx ON worker_jobs (due, id) WHERE started IS NULL AND finished IS NULL;
+-- Running rows by lease expiry: lost runs to rescue, a worker's leases to renew.
+CREATE INDEX worker_jobs_running_idx ON worker_jobs (lease_expires_at) WHERE started IS NOT NULL AND finished IS NULL;
 -- Tag rule: pending rows by tag.
 CREATE INDEX worker_jobs_pending_tag_idx ON worker_jobs (tag) WHERE started IS NULL AND finished IS NULL;
 -- Cleanup path: finished, non-persistent rows by remove_at.
 CREATE INDEX worker_jobs_cleanup_idx ON worker_jobs (remove_at) WHERE finished IS NOT NULL AND NOT persistent;
--- Lease renewal and release: a worker's running rows.
-CREATE INDEX worker_jobs_lease_owner_idx ON worker_jobs (lease_owner) WHERE lease_owner IS NOT NULL;
 
 -- Defaults that depend on other columns, and QuickDapp's tag rule. Runs for every insert,
 -- whoever makes it. Same-tag inserts are serialised by a transaction-scoped advisory lock on
@@ -88,18 +88,21 @@ CREATE TRIGGER worker_jobs_before_insert
     BEFORE INSERT ON worker_jobs
     FOR EACH ROW EXECUTE FUNCTION qdworker_before_insert();
 
--- Wake the workers: one NOTIFY per INSERT statement, delivered at commit. The payload is a
--- hint, never data.
+-- Wake the workers: one NOTIFY per INSERT statement that inserted rows, delivered at commit.
+-- The payload is a hint, never data.
 CREATE FUNCTION qdworker_notify_insert() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_notify('qdworker_jobs', 'insert');
+    IF EXISTS (SELECT 1 FROM inserted) THEN
+        PERFORM pg_notify('qdworker_jobs', 'insert');
+    END IF;
     RETURN NULL;
 END;
 $$;
 
 CREATE TRIGGER worker_jobs_notify_insert
     AFTER INSERT ON worker_jobs
+    REFERENCING NEW TABLE AS inserted
     FOR EACH STATEMENT EXECUTE FUNCTION qdworker_notify_insert();
 
 -- Cancel a job from any language: SELECT qdworker_cancel_job(42, 'no longer needed').

@@ -5,7 +5,7 @@
 -- so they are claimable at once (the claimer counts the run as lost) instead of at lease expiry.
 UPDATE worker_jobs
    SET lease_expires_at = now(), updated_at = now()
- WHERE lease_owner = %(worker_id)s AND finished IS NULL
+ WHERE started IS NOT NULL AND finished IS NULL AND lease_owner = %(worker_id)s
 
 -- name: job_status_counts
 -- Jobs by status for `qdworker status`: running (live lease), due (claimable now), scheduled

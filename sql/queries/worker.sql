@@ -1,18 +1,30 @@
--- The worker's path: claim, renew, complete, release. Every write after a claim is fenced by
+-- The worker's path: claim, renew, finish, release. Every write after a claim is fenced by
 -- (id, claims): a worker that lost its lease cannot overwrite the row of a rescued job.
 
 -- name: claim
--- Up to %(limit)s due jobs, in due order, skipping rows other workers hold. A started row
--- whose lease expired was lost with its worker: that run counts as an attempt.
-WITH picked AS (
-    SELECT id, started IS NOT NULL AS lost
+-- Up to %(limit)s jobs: first runs lost with their worker (started, lease expired: that run
+-- counts as an attempt), then due pending jobs in due order; rows other workers hold are
+-- skipped. Each claimed row gets this worker's lease and claims + 1 (its fencing token).
+WITH lost AS (
+    SELECT id, true AS lost
       FROM worker_jobs
-     WHERE finished IS NULL
-       AND due <= now()
+     WHERE started IS NOT NULL AND finished IS NULL
        AND (lease_expires_at IS NULL OR lease_expires_at < now())
+     ORDER BY lease_expires_at NULLS FIRST
+     LIMIT %(limit)s
+       FOR UPDATE SKIP LOCKED
+), pending AS (
+    SELECT id, false AS lost
+      FROM worker_jobs
+     WHERE started IS NULL AND finished IS NULL AND due <= now()
      ORDER BY due, id
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED
+), picked AS (
+    SELECT * FROM lost
+    UNION ALL
+    SELECT * FROM pending
+     LIMIT %(limit)s
 )
 UPDATE worker_jobs AS j
    SET started = now(),
@@ -31,40 +43,60 @@ RETURNING j.*, picked.lost
 -- and the database clock (for cron arithmetic).
 SELECT extract(epoch FROM least(
            (SELECT min(due) FROM worker_jobs
-             WHERE finished IS NULL AND started IS NULL AND due > now()),
+             WHERE started IS NULL AND finished IS NULL AND due > now()),
            (SELECT min(lease_expires_at) FROM worker_jobs
-             WHERE finished IS NULL AND lease_owner IS NOT NULL AND lease_owner <> %(owner)s)
+             WHERE started IS NOT NULL AND finished IS NULL AND lease_owner <> %(owner)s)
        ) - now())::float8 AS seconds,
        extract(epoch FROM now())::float8 AS db_epoch
 
--- name: complete
--- Finish a batch of runs; rows whose fencing token moved on are left alone (not returned).
-UPDATE worker_jobs AS j
-   SET finished = now(), success = o.success, result = o.result::jsonb,
-       lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-  FROM unnest(%(ids)s::bigint[], %(claims)s::integer[], %(success)s::boolean[],
-              %(results)s::text[]) AS o(id, claims, success, result)
- WHERE j.id = o.id AND j.claims = o.claims AND j.finished IS NULL
-RETURNING j.id, j.finished
-
--- name: insert_successors
--- Retry and next-cron-tick rows, copying every user field of the finished row.
-INSERT INTO worker_jobs (
-    tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
-    auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-    timeout_seconds, rescheduled_from_job, attempt)
-SELECT p.tag, p.type, p.user_id, p.data,
-       coalesce(s.due, now() + s.delay_ms * interval '1 millisecond'),
-       p.cron_schedule, p.auto_reschedule_on_failure, p.auto_reschedule_on_failure_delay,
-       p.remove_delay, p.persistent, p.max_attempts, p.backoff, p.timeout_seconds, p.id, s.attempt
-  FROM jsonb_to_recordset(%(successors)s::jsonb)
-       AS s(from_id bigint, due timestamptz, delay_ms double precision, attempt integer)
-  JOIN worker_jobs AS p ON p.id = s.from_id
- ORDER BY s.from_id
-RETURNING id, rescheduled_from_job, due, attempt
+-- name: finish
+-- One statement (so one round trip, atomic under autocommit) for a whole batch of outcomes:
+-- finish rows (fenced), insert retry / next-tick successors of the rows actually finished
+-- (copying every user field), give back released runs (pending again at once) and wake the
+-- other workers if any were released. Returns what happened to each id.
+WITH outcome AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(claims)s::integer[], %(success)s::boolean[],
+                         %(results)s::text[]) AS o(id, claims, success, result)
+), done AS (
+    UPDATE worker_jobs AS j
+       SET finished = now(), success = o.success, result = o.result::jsonb,
+           lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+      FROM outcome AS o
+     WHERE j.id = o.id AND j.claims = o.claims AND j.finished IS NULL
+    RETURNING j.*
+), successor AS (
+    INSERT INTO worker_jobs (
+        tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
+        auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
+        timeout_seconds, rescheduled_from_job, attempt)
+    SELECT d.tag, d.type, d.user_id, d.data,
+           coalesce(s.due, now() + s.delay_ms * interval '1 millisecond'),
+           d.cron_schedule, d.auto_reschedule_on_failure, d.auto_reschedule_on_failure_delay,
+           d.remove_delay, d.persistent, d.max_attempts, d.backoff, d.timeout_seconds, d.id,
+           s.attempt
+      FROM jsonb_to_recordset(%(successors)s::jsonb)
+           AS s(from_id bigint, due timestamptz, delay_ms double precision, attempt integer)
+      JOIN done AS d ON d.id = s.from_id
+     ORDER BY s.from_id
+    RETURNING id, rescheduled_from_job
+), released AS (
+    UPDATE worker_jobs AS j
+       SET started = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+      FROM unnest(%(release_ids)s::bigint[], %(release_claims)s::integer[]) AS r(id, claims)
+     WHERE j.id = r.id AND j.claims = r.claims AND j.finished IS NULL
+    RETURNING j.id
+)
+SELECT 'done' AS kind, id, finished, NULL::bigint AS successor_id FROM done
+UNION ALL
+SELECT 'successor', rescheduled_from_job, NULL, id FROM successor
+UNION ALL
+SELECT 'released', id, NULL, NULL FROM released
+UNION ALL
+SELECT 'woken', NULL, NULL, NULL
+  FROM (SELECT pg_notify('qdworker_jobs', 'release') FROM released LIMIT 1) AS wake
 
 -- name: release
--- Give runs back (shutdown): pending again at once, not after lease expiry; wake the others.
+-- Give runs back (the stuck-worker watchdog): pending again at once; wake the others.
 WITH released AS (
     UPDATE worker_jobs AS j
        SET started = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
@@ -74,9 +106,19 @@ WITH released AS (
 )
 SELECT count(*) AS n, pg_notify('qdworker_jobs', 'release') FROM released
 
+-- name: complete
+-- Finish runs without successors (the stuck-worker watchdog; fence tests).
+UPDATE worker_jobs AS j
+   SET finished = now(), success = o.success, result = o.result::jsonb,
+       lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+  FROM unnest(%(ids)s::bigint[], %(claims)s::integer[], %(success)s::boolean[],
+              %(results)s::text[]) AS o(id, claims, success, result)
+ WHERE j.id = o.id AND j.claims = o.claims AND j.finished IS NULL
+RETURNING j.id, j.finished
+
 -- name: renew_leases
 -- Heartbeat: extend this worker's leases; report runs someone asked to cancel.
 UPDATE worker_jobs
    SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second'
- WHERE lease_owner = %(owner)s AND finished IS NULL
+ WHERE started IS NOT NULL AND finished IS NULL AND lease_owner = %(owner)s
 RETURNING id, claims, cancel_requested_at IS NOT NULL AS cancel_requested
