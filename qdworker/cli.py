@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 PROG: Final = "qdworker"
 #: Modules that call :func:`register` on import (e.g. ``token``, ``bench``); missing ones are
 #: skipped, so a command can be listed before its module exists.
-PLUGIN_MODULES: Final[tuple[str, ...]] = ("qdworker.events.cli", "qdworker.bench_cli")
+PLUGIN_MODULES: Final[tuple[str, ...]] = ("qdworker.events.cli", "qdworker.benchmark.cli")
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -256,6 +256,8 @@ class Hub:
         self._dropped_clients = 0
         self._invalid = 0
         self._last_invalid_log = -INVALID_LOG_INTERVAL_SECONDS
+        #: Called (in the trio thread) after a client is added or removed.
+        self.on_clients_changed: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ clients
 
@@ -273,6 +275,8 @@ class Hub:
         self._next_client_id += 1
         self._clients.add(client)
         self._index(client, identity)
+        if self.on_clients_changed is not None:
+            self.on_clients_changed()
         return client
 
     def remove_client(self, client: HubClient) -> None:
@@ -284,6 +288,8 @@ class Hub:
         self._clients.discard(client)
         client._queue.clear()
         client._wake()
+        if self.on_clients_changed is not None:
+            self.on_clients_changed()
 
     def set_identity(self, client: HubClient, identity: Identity | None) -> None:
         """Change who ``client`` is (register / re-register)."""

@@ -194,6 +194,8 @@ class Relay:
         self._peers: dict[str, _Peer] = {}
         self._live_peers = 0
         self._peers_with_clients = 0
+        #: Called (in the trio thread) when the number of peers with clients changes.
+        self.on_peers_changed: Callable[[], None] | None = None
         self._announced_clients = 0
         self._presence_due = False
         self._wait_scope: trio.CancelScope | None = None
@@ -552,8 +554,11 @@ class Relay:
         horizon = trio.current_time() - self._live_seconds
         self._peers = {k: p for k, p in self._peers.items() if p.seen >= horizon}
         self._live_peers = len(self._peers)
+        before = self._peers_with_clients
         self._peers_with_clients = sum(1 for p in self._peers.values() if p.ws_clients > 0)
         self._notify_changed()
+        if self.on_peers_changed is not None and before != self._peers_with_clients:
+            self.on_peers_changed()
 
     async def _presence_tick(self, conn: Conn, *, cleanup: bool) -> None:
         """Upsert and announce this supervisor, refresh the peers, maybe clean up old rows."""

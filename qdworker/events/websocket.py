@@ -44,6 +44,7 @@ from trio_websocket import (
     WebSocketRequest,
     serve_websocket,
 )
+from wsproto.events import TextMessage
 
 from qdworker.events.hub import MAX_SUBSCRIPTION_ITEMS, Hub, HubClient, Subscription
 from qdworker.events.tokens import TOKEN_MALFORMED, Identity, TokenError, verify
@@ -82,7 +83,7 @@ SHUTDOWN_CLOSE_TIMEOUT_SECONDS: Final = 0.25
 """Bound on sending the 1001 close frame when the server is cancelled."""
 MAX_MESSAGE_BYTES: Final = 16 * 1024
 INBOUND_QUEUE_MESSAGES: Final = 4
-SEND_BATCH_MESSAGES: Final = 64
+SEND_BATCH_MESSAGES: Final = 1024  # per write: a client drains its queue as fast as events come
 """Texts taken from the hub queue per wake-up of a connection's writer."""
 
 # Close codes (see docs/websocket.md).
@@ -458,8 +459,7 @@ class _Server:
                 batch = await session.client.receive_batch(SEND_BATCH_MESSAGES)
                 if not batch:
                     return
-                for text in batch:
-                    await session.ws.send_message(text)
+                await _send_many(session.ws, batch)
         except ConnectionClosed:
             session.finish(CLOSE_NORMAL)
         except Exception:
@@ -494,6 +494,33 @@ class _Server:
         except Exception:
             logger.exception("websocket connection %d: pinger failed", session.conn_id)
             session.finish(CLOSE_INTERNAL_ERROR, "internal error")
+
+
+async def _send_many(ws: WebSocketConnection, texts: list[str]) -> None:
+    """Send ``texts`` as consecutive text messages in one write.
+
+    One ``send_message`` per message is one write and one schedule point each: a client's
+    writer would then send one message per scheduling round while a worker's frame of hundreds
+    of events arrives in one, and even a fast client would fall behind. This encodes every
+    frame first (trio-websocket 0.12's connection internals, as its own ``_send`` does) and
+    falls back to one message at a time if those internals are not there.
+    """
+    proto = getattr(ws, "_wsproto", None)
+    lock = getattr(ws, "_stream_lock", None)
+    stream = getattr(ws, "_stream", None)
+    if proto is None or lock is None or stream is None or len(texts) == 1:
+        for text in texts:
+            await ws.send_message(text)
+        return
+    if ws.closed is not None:
+        raise ConnectionClosed(ws.closed)
+    data = b"".join(proto.send(TextMessage(data=text)) for text in texts)
+    async with lock:
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise ConnectionClosed(ws.closed) from None
 
 
 async def serve(

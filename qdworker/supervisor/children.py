@@ -68,6 +68,7 @@ __all__ = [
     "STOP_MARGIN_SECONDS",
     "Child",
     "ChildStatistics",
+    "Interest",
     "MessageHandler",
     "ReleaseLeases",
     "release_leases",
@@ -164,6 +165,27 @@ class ChildStatistics:
     jobs_claimed: int
 
 
+class Interest:
+    """Whether anybody wants job events (a websocket client here, or on another supervisor).
+
+    Workers skip building job events while nobody does: at full speed that is most of the
+    IPC traffic. Children are told of every change (``{"kind": "events", "wanted": …}``).
+    """
+
+    def __init__(self, wanted: bool = False) -> None:
+        self.wanted = wanted
+        self._changed = trio.Event()
+
+    def set(self, wanted: bool) -> None:
+        if wanted != self.wanted:
+            self.wanted = wanted
+            self._changed.set()
+            self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+
 class Child:
     """Slot ``index`` of the supervisor: one worker process at a time (see the module doc)."""
 
@@ -177,6 +199,7 @@ class Child:
         release: ReleaseLeases | None = None,
         argv: Sequence[str] = DEFAULT_WORKER_ARGV,
         id_prefix: str | None = None,
+        interest: Interest | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
         startup_timeout: float = STARTUP_TIMEOUT_SECONDS,
         stop_margin: float = STOP_MARGIN_SECONDS,
@@ -192,6 +215,7 @@ class Child:
         self._release = release or partial(release_leases, database_url)
         self._argv = tuple(argv)
         self._id_prefix = id_prefix or worker_id_prefix()
+        self._interest = interest if interest is not None else Interest(wanted=True)
         self._heartbeat_timeout = heartbeat_timeout
         self._startup_timeout = startup_timeout
         self._stop_margin = stop_margin
@@ -362,6 +386,7 @@ class Child:
                 try:
                     async with trio.open_nursery() as watchers:
                         watchers.start_soon(self._watch_heartbeats, proc)
+                        watchers.start_soon(self._tell_interest, parent_stream)
                         watchers.start_soon(self._stop_when_asked, proc)
                         await proc.wait()
                         watchers.cancel_scope.cancel()
@@ -384,6 +409,18 @@ class Child:
                 with trio.CancelScope(shield=True):
                     await self._release_quietly(worker_id)
         return exit_code
+
+    async def _tell_interest(self, stream: trio.SocketStream) -> None:
+        """Tell the child whether job events are wanted, now and at every change. The only
+        writer of ``stream``; a child that is gone is left to the exit handling."""
+        try:
+            while True:
+                wanted = self._interest.wanted
+                await ipc.send(stream, {"kind": "events", "wanted": wanted})
+                if wanted == self._interest.wanted:
+                    await self._interest.wait_changed()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
 
     async def _stop_when_asked(self, proc: trio.Process) -> None:
         """On :meth:`request_stop`: terminate the process (heartbeats no longer matter)."""

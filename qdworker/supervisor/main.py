@@ -50,7 +50,7 @@ from ..events.relay import Relay, RelayStatistics
 from ..jobs import builtin
 from ..model import Job
 from . import children as children_module
-from .children import Child, ChildStatistics, MessageHandler
+from .children import Child, ChildStatistics, Interest, MessageHandler
 
 __all__ = [
     "HEALTH_LOG_INTERVAL_SECONDS",
@@ -302,10 +302,24 @@ async def _serve(
         hub = Hub()
         relay = Relay(url, hub, f"{children_module.worker_id_prefix()}:{uuid.uuid4().hex[:8]}")
         route = _router(hub, relay, on_message)
+        interest = Interest()
+
+        def refresh_interest() -> None:
+            interest.set(hub.client_count > 0 or relay.statistics().peers_with_clients > 0)
+
+        hub.on_clients_changed = relay.on_peers_changed = refresh_interest
         argv = children_module.DEFAULT_WORKER_ARGV if worker_argv is None else tuple(worker_argv)
         prefix = children_module.worker_id_prefix()
         workers = [
-            Child(config, index=i, database_url=url, on_message=route, argv=argv, id_prefix=prefix)
+            Child(
+                config,
+                index=i,
+                database_url=url,
+                on_message=route,
+                argv=argv,
+                id_prefix=prefix,
+                interest=interest,
+            )
             for i in range(config.worker_count)
         ]
         manager = Manager(config, url, workers, hub, relay, stopped)

@@ -226,6 +226,7 @@ class Completer:
         self._written += len(accepted)
         self._rejected += len(finishing) - len(accepted)
         self._successors += len(successor_of)
+        events = self._outbox.events_wanted
         for outcome in batch:
             job = outcome.job
             if outcome.ending != "release":
@@ -237,7 +238,7 @@ class Completer:
                         job.type,
                         extra={"job_id": job.id, "job_type": job.type},
                     )
-                else:
+                elif events:
                     self._outbox.event(job_event(outcome.ending, job, finished=finished))
                     successor_id = successor_of.get(job.id)
                     if successor_id is not None:

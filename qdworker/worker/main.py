@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +40,7 @@ from .leases import EXIT_STUCK, LeaseKeeper
 from .listener import Listener
 from .outbox import Outbox
 from .outcome import Outcome, job_event
+from .pacing import Pacer
 from .runner import Run, error_result, run_job
 from .wakeup import Wakeup
 
@@ -73,7 +75,9 @@ class Worker:
         self.worker_id = worker_id
         self.url = url
         self.outbox = outbox
-        self.runs: dict[int, Run] = {}
+        self.runs: dict[int, Run] = {}  # running handlers
+        self.queued: deque[Run] = deque()  # claimed, waiting for a free slot (see pacing)
+        self.pacer = Pacer()
         self.wake = Wakeup()
         self.stop_claiming = trio.Event()
         self.immediate = trio.Event()
@@ -110,9 +114,13 @@ class Worker:
 
     # -- slots -------------------------------------------------------------------------------
     def _free(self) -> int:
+        """How many jobs to claim now: free slots plus room in the ready queue."""
         if self._unwritten >= MAX_UNWRITTEN:
             return 0
-        return self.cfg.concurrency - len(self.runs)
+        room = self.cfg.concurrency - len(self.runs) + self.pacer.target - len(self.queued)
+        if self.queued and room < (self.cfg.concurrency + self.pacer.target) // 4:
+            return 0  # enough ready: wait to claim a worthwhile batch
+        return max(0, room)
 
     def _written(self, outcome: Outcome) -> None:
         self._unwritten -= 1
@@ -127,8 +135,22 @@ class Worker:
         del self.runs[outcome.job.id]
         self._unwritten += 1
         self.completer.submit(outcome)
+        self.pacer.completed()
+        self._dispatch()
         if self.claimer.backlog or self.stop_claiming.is_set():
             self.wake.set()
+
+    def _dispatch(self) -> None:
+        """Start ready jobs while slots are free."""
+        while self.queued and len(self.runs) < self.cfg.concurrency:
+            self._start(self.queued.popleft())
+        if not self.queued:
+            self.pacer.idle()
+
+    def _start(self, run: Run) -> None:
+        self.runs[run.job.id] = run
+        assert self._jobs is not None
+        self._jobs.start_soon(self._run_one, run, name=f"job {run.job.id}")
 
     def _spawn(self, claimed: Claimed) -> None:
         job = claimed.job
@@ -151,10 +173,8 @@ class Worker:
                 job.attempt,
                 extra={"job_id": job.id, "job_type": job.type},
             )
-        run = Run(job)
-        self.runs[job.id] = run
-        assert self._jobs is not None
-        self._jobs.start_soon(self._run_one, run, name=f"job {job.id}")
+        self.queued.append(Run(job))
+        self._dispatch()
 
     def _lost_too_often(self, job: Job) -> bool:
         if job.max_attempts is not None:
@@ -165,7 +185,8 @@ class Worker:
         job = run.job
         log = logging.LoggerAdapter(job_logger, {"job_id": job.id, "job_type": job.type})
         ctx = JobContext(job, log, self.db, self.outbox, self.worker_id)
-        self.outbox.event(job_event("started", job))
+        if self.outbox.events_wanted:
+            self.outbox.event(job_event("started", job))
         outcome = await run_job(run, ctx)
         if run.thread_done is not None and not run.thread_done.is_set():
             self._watch_abandoned_thread(run)
@@ -192,6 +213,15 @@ class Worker:
 
     # -- control -----------------------------------------------------------------------------
     def cancel_run(self, job_id: int, reason: str = "cancelled by request") -> None:
+        for waiting in self.queued:
+            if waiting.job.id == job_id:  # claimed but not started: finish it here
+                self.queued.remove(waiting)
+                message = f"Job cancelled: {reason}"
+                self._unwritten += 1
+                self.completer.submit(
+                    Outcome(waiting.job, "cancelled", error_result(message, "JobCancelled"))
+                )
+                return
         run = self.runs.get(job_id)
         if run is not None:
             logger.info(
@@ -221,7 +251,7 @@ class Worker:
                 self.request_stop(immediate)
 
     async def _supervisor_gone(self) -> None:
-        await self.outbox.watch_eof()
+        await self.outbox.receive()
         logger.warning("the supervisor is gone: releasing jobs and exiting")
         self.request_stop(immediate=True)
 
@@ -240,7 +270,11 @@ class Worker:
             await trio.sleep(HEARTBEAT_SECONDS)
 
     async def _drain(self) -> None:
-        """After claiming stopped: let runs finish, then release what is left."""
+        """After claiming stopped: give back what has not started, let runs finish, then
+        release what is left."""
+        while self.queued:
+            self._unwritten += 1
+            self.completer.submit(Outcome(self.queued.popleft().job, "release"))
         with trio.move_on_after(self.cfg.shutdown_timeout):
             async with trio.open_nursery() as race:
 
@@ -269,7 +303,7 @@ class Worker:
             self.url,
             self.worker_id,
             self.cfg.lease_seconds,
-            lambda: list(self.runs.values()),
+            lambda: [*self.runs.values(), *self.queued],
             self.cancel_run,
         )
         async with trio.open_nursery() as services:

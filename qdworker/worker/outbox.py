@@ -51,10 +51,13 @@ class Outbox:
         self._sent = 0
         self._dropped = 0
         self.closed = trio.Event()
+        #: Whether anybody wants job events; the supervisor says so over the socket.
+        self.events_wanted = False
 
     def event(self, event: dict[str, Any]) -> None:
-        """Queue a job event (never blocks)."""
-        if self._stream is None:
+        """Queue a job event (never blocks). Callers check :attr:`events_wanted` first, to
+        skip building events nobody wants."""
+        if self._stream is None or not self.events_wanted:
             return
         if len(self._events) >= MAX_PENDING_EVENTS:
             self._events.popleft()
@@ -111,15 +114,14 @@ class Outbox:
             self._frames += 1
             self._sent += len(batch)
 
-    async def watch_eof(self) -> None:
-        """Return when the supervisor's end closes (it exited or was killed)."""
+    async def receive(self) -> None:
+        """Read the supervisor's messages until its end closes (it exited or was killed)."""
         if self._stream is None:
             await trio.sleep_forever()
             return
-        assert self._stream is not None
-        try:
-            while await self._stream.receive_some(4096):
-                pass
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+        async for msg in ipc.frames(self._stream):
+            if msg["kind"] == "events":
+                self.events_wanted = bool(msg.get("wanted"))
+                if not self.events_wanted:
+                    self._events.clear()
         self.closed.set()

@@ -127,7 +127,9 @@ async def test_client_that_never_reads_is_dropped_while_another_gets_every_event
             nursery, trio.SocketStream(sock), "127.0.0.1", "/ws",
             extra_headers=bearer(1, admin=True), message_queue_size=1,
         )  # fmt: skip
-        async with open_websocket_url(f"ws://127.0.0.1:{port}/ws", extra_headers=bearer(2, admin=True)) as reader:
+        async with open_websocket_url(
+            f"ws://127.0.0.1:{port}/ws", extra_headers=bearer(2, admin=True)
+        ) as reader:
             await until(reader, "registered")
             async with Queue(db_url) as queue:
                 jobs = await queue.submit_jobs(

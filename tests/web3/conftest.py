@@ -61,18 +61,25 @@ class Chain:
         assert receipt["status"] == 1
         return receipt
 
-    def create_token(self, name: str = "Test Token", symbol: str = "TST", decimals: int = 18,
-                     supply: int = 10**24, sender: str = OWNER) -> tuple[Contract, Any]:
-        receipt = self.transact(self.factory.functions.createToken(name, symbol, decimals, supply),
-                                sender)
+    def create_token(
+        self,
+        name: str = "Test Token",
+        symbol: str = "TST",
+        decimals: int = 18,
+        supply: int = 10**24,
+        sender: str = OWNER,
+    ) -> tuple[Contract, Any]:
+        receipt = self.transact(
+            self.factory.functions.createToken(name, symbol, decimals, supply), sender
+        )
         (event,) = self.factory.events.ERC20NewToken().process_receipt(receipt, errors=DISCARD)
-        token = self.w3.eth.contract(address=event["args"]["token"],
-                                     abi=load_artifacts()["SimpleToken"]["abi"])
+        token = self.w3.eth.contract(
+            address=event["args"]["token"], abi=load_artifacts()["SimpleToken"]["abi"]
+        )
         return token, receipt
 
     def mine(self, blocks: int) -> None:
         self.w3.provider.make_request("anvil_mine", [hex(blocks)])  # type: ignore[arg-type]
-
 
 
 def connect_chain(node: Anvil) -> Chain:
@@ -80,7 +87,8 @@ def connect_chain(node: Anvil) -> Chain:
     art = load_artifacts()["TokenFactory"]
     factory = w3.eth.contract(abi=art["abi"], bytecode=art["bytecode"])
     receipt = w3.eth.wait_for_transaction_receipt(
-        factory.constructor().transact({"from": OWNER, "gas": GAS}), timeout=10)
+        factory.constructor().transact({"from": OWNER, "gas": GAS}), timeout=10
+    )
     return Chain(node, w3, w3.eth.contract(address=receipt["contractAddress"], abi=art["abi"]))
 
 
@@ -95,8 +103,9 @@ def chain() -> Iterator[Chain]:
         node.close()
 
 
-def web3_env(rpc_url: str, factory: str | None = None, start_block: int | None = None,
-             **extra: str) -> dict[str, str]:
+def web3_env(
+    rpc_url: str, factory: str | None = None, start_block: int | None = None, **extra: str
+) -> dict[str, str]:
     """Worker settings: the web3 part (plus, with a factory, the example and test filters)."""
     jobs = "qdworker.web3,token_filters,chain_test_filters" if factory else "qdworker.web3"
     env = {
@@ -122,5 +131,7 @@ def prepare_app_db(db_url: str, wallets: dict[str, int] | None = None) -> None:
         conn.execute((EXAMPLES / "schema.sql").read_text())
         conn.execute(TEST_TABLES)
         for wallet, user_id in (wallets or {}).items():
-            conn.execute("INSERT INTO app_user_wallets (wallet, user_id) VALUES (%s, %s)",
-                         (wallet.lower(), user_id))
+            conn.execute(
+                "INSERT INTO app_user_wallets (wallet, user_id) VALUES (%s, %s)",
+                (wallet.lower(), user_id),
+            )

@@ -50,14 +50,20 @@ def sql(db_url: str, query: str, params: Any = None) -> list[dict[str, Any]]:
 
 def submit_watch(db_url: str, tag: str = "cron:watchChain") -> int:
     """One run of watchChain now (a one-shot row; the cron chain is tested separately)."""
-    rows = sql(db_url, "INSERT INTO worker_jobs (tag, type) VALUES (%s, 'watchChain') RETURNING id",
-               (tag,))
+    rows = sql(
+        db_url, "INSERT INTO worker_jobs (tag, type) VALUES (%s, 'watchChain') RETURNING id", (tag,)
+    )
     return int(rows[0]["id"])
 
 
 def finished(db_url: str, job_id: int, timeout: float = 30) -> dict[str, Any]:
-    return wait_for(db_url, "SELECT * FROM worker_jobs WHERE id = %s", all_finished,
-                    timeout=timeout, params=(job_id,))[0]
+    return wait_for(
+        db_url,
+        "SELECT * FROM worker_jobs WHERE id = %s",
+        all_finished,
+        timeout=timeout,
+        params=(job_id,),
+    )[0]
 
 
 def run_watch(db_url: str, timeout: float = 30) -> dict[str, Any]:
@@ -100,8 +106,13 @@ def worker(db_url: str) -> Iterator[Any]:
 def web3_pkg(chain: Chain) -> Iterator[Any]:
     """``qdworker.web3`` imported in this process, configured for the shared chain."""
     saved = dict(os.environ)
-    os.environ.update({k: v for k, v in web3_env(chain.node.url, chain.factory.address).items()
-                       if k.startswith("WEB3_")})
+    os.environ.update(
+        {
+            k: v
+            for k, v in web3_env(chain.node.url, chain.factory.address).items()
+            if k.startswith("WEB3_")
+        }
+    )
     import qdworker.web3
 
     yield qdworker.web3
@@ -135,8 +146,12 @@ def test_deploy_multicall3_on_fresh_chain_then_noop(db_url: str, worker: Any) ->
 
         second = finished(db_url, sql(db_url, submit, params)[0]["id"])
         assert second["success"], second["result"]
-        assert second["result"] == {"deployed": False, "alreadyDeployed": True,
-                                    "address": MULTICALL3, "chain": "anvil"}
+        assert second["result"] == {
+            "deployed": False,
+            "alreadyDeployed": True,
+            "address": MULTICALL3,
+            "chain": "anvil",
+        }
         assert w3.eth.block_number == head  # nothing sent the second time
     finally:
         node.close()
@@ -159,23 +174,38 @@ def test_ensure_web3_jobs(db_url: str, web3_pkg: Any) -> None:
     trio.run(ensure_twice)
     rows = sql(db_url, "SELECT * FROM worker_jobs WHERE finished IS NULL ORDER BY id")
     assert [(r["type"], r["tag"]) for r in rows] == [
-        ("watchChain", "cron:watchChain"), ("deployMulticall3", "deploy-multicall3")]
+        ("watchChain", "cron:watchChain"),
+        ("deployMulticall3", "deploy-multicall3"),
+    ]
     cron = rows[0]
     assert cron["cron_schedule"] == "*/3 * * * * *"
     assert cron["auto_reschedule_on_failure"] and cron["auto_reschedule_on_failure_delay"] == 10_000
     assert rows[1]["data"] == {"forceRedeploy": False}
 
 
-@pytest.mark.parametrize(("env", "line"), [
-    ({"WEB3_CONFIRMATIONS": "-1"}, "WEB3_CONFIRMATIONS='-1' is invalid: expected an integer >= 0"),
-    ({"WEB3_ANVIL_RPC": ""}, "WEB3_ANVIL_RPC is not set"),
-    ({"WEB3_SERVER_WALLET_PRIVATE_KEY": "0x1234"},
-     "WEB3_SERVER_WALLET_PRIVATE_KEY=<hidden> is invalid"),
-])
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"WEB3_CONFIRMATIONS": "-1"},
+            "WEB3_CONFIRMATIONS='-1' is invalid: expected an integer >= 0",
+        ),
+        ({"WEB3_ANVIL_RPC": ""}, "WEB3_ANVIL_RPC is not set"),
+        (
+            {"WEB3_SERVER_WALLET_PRIVATE_KEY": "0x1234"},
+            "WEB3_SERVER_WALLET_PRIVATE_KEY=<hidden> is invalid",
+        ),
+    ],
+)
 def test_bad_settings_stop_worker_start(db_url: str, env: dict[str, str], line: str) -> None:
     settings = {**web3_env("http://127.0.0.1:9"), **env}
-    proc = subprocess.run([sys.executable, "-m", "qdworker.worker"], env=env_for(db_url, **settings),
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "qdworker.worker"],
+        env=env_for(db_url, **settings),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode != 0
     assert line in proc.stderr
     assert "0x1234" not in proc.stderr
@@ -206,8 +236,12 @@ def test_watch_chain_cron_notifies_token_created_and_transfers(
     chain.transact(token.functions.transfer(BOB, 5), ALICE)
     last = int(chain.transact(token.functions.transfer(OWNER, 1), BOB)["blockNumber"])  # unknown
 
-    wait_for(db_url, "SELECT value FROM qdworker_settings WHERE key = %s",
-             lambda rows: bool(rows) and int(rows[0]["value"]) >= last, params=(PROGRESS_KEY,))
+    wait_for(
+        db_url,
+        "SELECT value FROM qdworker_settings WHERE key = %s",
+        lambda rows: bool(rows) and int(rows[0]["value"]) >= last,
+        params=(PROGRESS_KEY,),
+    )
     notes = sql(db_url, "SELECT * FROM app_notifications ORDER BY id")
     by_user = sorted((n["user_id"], n["data"]["type"]) for n in notes)
     assert by_user == [(1, "token_created"), (1, "token_transfer"), (2, "token_transfer")]
@@ -217,15 +251,22 @@ def test_watch_chain_cron_notifies_token_created_and_transfers(
         "type": "token_created",
         "message": f"Created new token QTK (Quick Token) at {token.address}",
         "transactionHash": created["transactionHash"].to_0x_hex(),
-        "tokenAddress": token_lc, "creator": OWNER, "initialSupply": "1000000",
-        "tokenSymbol": "QTK", "tokenName": "Quick Token",
+        "tokenAddress": token_lc,
+        "creator": OWNER,
+        "initialSupply": "1000000",
+        "tokenSymbol": "QTK",
+        "tokenName": "Quick Token",
     }
     assert data[(1, "token_transfer")] == {
         "type": "token_transfer",
         "message": f"Sent 0.25 QTK (Quick Token) to {ALICE}",
         "transactionHash": sent["transactionHash"].to_0x_hex(),
-        "tokenAddress": token_lc, "from": OWNER, "to": ALICE, "amount": "250000",
-        "tokenSymbol": "QTK", "tokenName": "Quick Token",
+        "tokenAddress": token_lc,
+        "from": OWNER,
+        "to": ALICE,
+        "amount": "250000",
+        "tokenSymbol": "QTK",
+        "tokenName": "Quick Token",
     }
     assert data[(2, "token_transfer")]["from"] == ALICE
     assert len(logged(db_url)) == 3  # every transfer, known sender or not
@@ -242,15 +283,20 @@ def test_sigkill_mid_range_neither_loses_nor_repeats_a_log(
     token, _ = chain.create_token()
     start = chain.head() + 1
     last = transfers(chain, token, 20)
-    env = web3_env(chain.node.url, chain.factory.address, start_block=start,
-                   QDWORKER_LEASE_SECONDS="1.5")
+    env = web3_env(
+        chain.node.url, chain.factory.address, start_block=start, QDWORKER_LEASE_SECONDS="1.5"
+    )
     with psycopg.connect(db_url, autocommit=True) as holder:
         holder.execute("SELECT pg_advisory_lock(%s)", (BLOCK_KEY,))
         first = worker(**env, QDWORKER_TEST_BLOCK_KEY=str(BLOCK_KEY))
         job_id = submit_watch(db_url)
         # The filter has written all 20 rows in the range's transaction and now waits.
-        wait_for(db_url, "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = %s"
-                 " AND NOT granted", bool, params=(BLOCK_KEY,))
+        wait_for(
+            db_url,
+            "SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objid = %s AND NOT granted",
+            bool,
+            params=(BLOCK_KEY,),
+        )
         assert logged(db_url) == [] and progress(db_url) == start - 1  # nothing visible yet
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
@@ -326,8 +372,9 @@ def test_confirmations_hold_back_recent_blocks(db_url: str, chain: Chain, worker
     token, _ = chain.create_token()
     start = chain.head() + 1
     last = transfers(chain, token, 3)
-    worker(**web3_env(chain.node.url, chain.factory.address, start_block=start,
-                      WEB3_CONFIRMATIONS="2"))
+    worker(
+        **web3_env(chain.node.url, chain.factory.address, start_block=start, WEB3_CONFIRMATIONS="2")
+    )
     row = run_watch(db_url)
     assert row["result"]["safeHead"] == last - 2 and progress(db_url) == last - 2
     assert len(logged(db_url)) == 1
@@ -336,7 +383,9 @@ def test_confirmations_hold_back_recent_blocks(db_url: str, chain: Chain, worker
     assert progress(db_url) == last and len(logged(db_url)) == 3
 
 
-def test_watch_chain_processes_1000_events_in_two_ranges(db_url: str, chain: Chain, worker: Any) -> None:
+def test_watch_chain_processes_1000_events_in_two_ranges(
+    db_url: str, chain: Chain, worker: Any
+) -> None:
     """Blocks/s and events/s of one watchChain run over BENCH_EVENTS transfers, one per block,
     with both example filters and the recording filter writing (sender known: every transfer
     becomes a notification row)."""
@@ -346,7 +395,8 @@ def test_watch_chain_processes_1000_events_in_two_ranges(db_url: str, chain: Cha
     t0 = time.perf_counter()
     for i in range(BENCH_EVENTS):
         tx_hash = token.functions.transfer((ALICE, BOB)[i % 2], 1).transact(
-            {"from": OWNER, "gas": 200_000})
+            {"from": OWNER, "gas": 200_000}
+        )
     last = int(chain.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)["blockNumber"])
     report(f"{BENCH_EVENTS} transfers sent (1 per block): {time.perf_counter() - t0:.2f} s")
     assert last - start + 1 == BENCH_EVENTS
@@ -358,7 +408,8 @@ def test_watch_chain_processes_1000_events_in_two_ranges(db_url: str, chain: Cha
     assert len(logged(db_url)) == BENCH_EVENTS
     notes = sql(db_url, "SELECT count(*) AS n FROM app_notifications")[0]["n"]
     assert notes == BENCH_EVENTS
-    report(f"watchChain: {blocks} blocks, {BENCH_EVENTS} events, {len(row['result']['ranges'])} "
-           f"ranges in {seconds:.2f} s: {blocks / seconds:.0f} blocks/s, "
-           f"{BENCH_EVENTS / seconds:.0f} events/s")
-
+    report(
+        f"watchChain: {blocks} blocks, {BENCH_EVENTS} events, {len(row['result']['ranges'])} "
+        f"ranges in {seconds:.2f} s: {blocks / seconds:.0f} blocks/s, "
+        f"{BENCH_EVENTS / seconds:.0f} events/s"
+    )

@@ -1,0 +1,11 @@
+"""``python -m qdworker.benchmark [ARGS]`` = ``python -m qdworker bench [ARGS]``."""
+
+from __future__ import annotations
+
+import sys
+
+from .. import cli
+from . import cli as _bench_cli  # noqa: F401  (registers "bench")
+
+if __name__ == "__main__":
+    sys.exit(cli.main(["bench", *sys.argv[1:]]))
