@@ -19,6 +19,7 @@ from typing import Any
 
 import psycopg
 import trio
+from psycopg.rows import tuple_row
 
 from ..db import statements
 from ..db.connection import Connection, connect, is_transient
@@ -120,8 +121,11 @@ class Claimer:
 
         def claim(
             conn: psycopg.Connection[dict[str, Any]],
-        ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-            rows = conn.execute(statements.get("claim"), params).fetchall()
+        ) -> tuple[list[Claimed], dict[str, Any] | None]:
+            # Rows become Jobs here, in the claim's thread, straight from tuples.
+            with conn.cursor(row_factory=tuple_row) as cur:
+                cur.execute(statements.get("claim"), params)
+                rows = [Claimed(Job(*row[:-1]), row[-1]) for row in cur]
             if len(rows) >= limit:
                 return rows, None
             before = time.time()
@@ -130,11 +134,10 @@ class Claimer:
                 nxt["local"] = (before + time.time()) / 2
             return rows, nxt
 
-        rows, nxt = await self._conn.run(claim)
+        claimed, nxt = await self._conn.run(claim)
         self.backlog = nxt is None
         self._claims += 1
-        self._claimed += len(rows)
-        claimed = [Claimed(Job.from_row(row), bool(row["lost"])) for row in rows]
+        self._claimed += len(claimed)
         self._lost += sum(c.lost for c in claimed)
         if nxt is None:
             return claimed, None

@@ -24,7 +24,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import trio
 
@@ -168,9 +167,12 @@ class Completer:
             return _Successor(job.id, tick, None, 1, "cron")
         return None
 
-    def _final_result(self, outcome: Outcome) -> Any:
+    def _final_result(self, outcome: Outcome) -> str:
+        """The result column's JSON text; a failure with no retries left says so."""
         job = outcome.job
         result = outcome.result
+        if outcome.encoded is not None:
+            return outcome.encoded
         if (
             not outcome.success
             and outcome.ending != "cancelled"
@@ -182,7 +184,7 @@ class Completer:
                 **result,
                 "gave_up": f"attempt {job.attempt} of {job.max_attempts} failed: no retries left",
             }
-        return result
+        return json.dumps(result)
 
     async def _write(self, batch: list[Outcome]) -> None:
         assert self._conn is not None
@@ -196,7 +198,7 @@ class Completer:
                 "ids": [o.job.id for o in finishing],
                 "claims": [o.job.claims for o in finishing],
                 "success": [o.success for o in finishing],
-                "results": [json.dumps(self._final_result(o)) for o in finishing],
+                "results": [self._final_result(o) for o in finishing],
                 "successors": json.dumps(
                     [
                         {

@@ -20,6 +20,7 @@ class Outcome:
     ending: Ending
     result: Any = None  # JSON-safe (checked by the runner)
     retry: bool = True  # False: never retried (invalid row, lost too often), even if configured
+    encoded: str | None = None  # ``result`` as JSON, when the runner already encoded it
 
     @property
     def success(self) -> bool:

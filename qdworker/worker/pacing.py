@@ -16,9 +16,9 @@ import time
 __all__ = ["MAX_PREFETCH", "PREFETCH_SECONDS", "RATE_WINDOW_SECONDS", "Pacer"]
 
 #: Work held ready, in seconds at the recent completion rate.
-PREFETCH_SECONDS = 0.01
+PREFETCH_SECONDS = 0.05
 #: Most jobs held ready beyond the running ones.
-MAX_PREFETCH = 200
+MAX_PREFETCH = 1000
 #: Completions are counted over windows of this length.
 RATE_WINDOW_SECONDS = 0.1
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -67,21 +66,19 @@ def error_result(message: str, error_type: str) -> dict[str, str]:
     return {"error": text, "error_type": error_type}
 
 
-def _check_result(value: Any) -> dict[str, str] | None:
-    """None if ``value`` can be stored, else the error result saying why not."""
-    if value is None or isinstance(value, bool | int | str):
-        return None
-    if isinstance(value, float) and math.isfinite(value):
-        return None
+def _encode_result(value: Any) -> tuple[str, None] | tuple[None, dict[str, str]]:
+    """``(json_text, None)`` if ``value`` can be stored, else ``(None, error result)``."""
+    if value is None:
+        return "null", None
     try:
-        size = len(json.dumps(value, allow_nan=False))
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        return error_result(f"result is not JSON-serialisable: {exc}", "InvalidResult")
-    if size > MAX_RESULT_BYTES:
-        return error_result(
-            f"result is {size} bytes as JSON; the limit is {MAX_RESULT_BYTES}", "InvalidResult"
+        return None, error_result(f"result is not JSON-serialisable: {exc}", "InvalidResult")
+    if len(text) > MAX_RESULT_BYTES:
+        return None, error_result(
+            f"result is {len(text)} bytes as JSON; the limit is {MAX_RESULT_BYTES}", "InvalidResult"
         )
-    return None
+    return text, None
 
 
 async def _call(job_type: registry.JobType, ctx: JobContext, run: Run) -> Any:
@@ -140,7 +137,7 @@ async def run_job(run: Run, ctx: JobContext, default_timeout: float | None = Non
             return Outcome(
                 job, "timed_out", error_result(f"timed out after {timeout:g} s", "JobTimeout")
             )
-    problem = _check_result(value)
+    encoded, problem = _encode_result(value)
     if problem is not None:
         return Outcome(job, "failed", problem)
-    return Outcome(job, "succeeded", value)
+    return Outcome(job, "succeeded", value, encoded=encoded)

@@ -2,6 +2,7 @@
 -- (id, claims): a worker that lost its lease cannot overwrite the row of a rescued job.
 
 -- name: claim
+-- Returns the columns in qdworker.model.Job's field order, then ``lost`` (tests check it).
 -- Up to %(limit)s jobs: first runs lost with their worker (started, lease expired: that run
 -- counts as an attempt), then due pending jobs in due order; rows other workers hold are
 -- skipped. Each claimed row gets this worker's lease and claims + 1 (its fencing token).
@@ -36,7 +37,13 @@ UPDATE worker_jobs AS j
        updated_at = now()
   FROM picked
  WHERE j.id = picked.id
-RETURNING j.*, picked.lost
+RETURNING j.id, j.tag, j.type, j.user_id, j.data, j.due, j.started, j.finished, j.remove_at,
+          j.success, j.result, j.cron_schedule, j.auto_reschedule_on_failure,
+          j.auto_reschedule_on_failure_delay, j.remove_delay, j.rescheduled_from_job,
+          j.persistent, j.created_at, j.updated_at, j.attempt, j.max_attempts, j.backoff,
+          j.timeout_seconds, j.claims, j.lost_runs, j.lease_owner, j.lease_expires_at,
+          j.cancel_requested_at,
+          picked.lost
 
 -- name: next_wakeup
 -- Seconds until the earliest pending job is due or a running job's lease expires (NULL: none),

@@ -230,3 +230,13 @@ async def test_concurrent_migrators_do_not_race(empty_db_url: str) -> None:
         for _ in range(4):
             nursery.start_soon(one)
     assert sorted(len(r) for r in results) == [0, 0, 0, len(migrate.available())]
+
+
+def test_claim_returns_the_job_fields_in_order(sql: psycopg.Connection) -> None:
+    from qdworker.db import statements
+    from qdworker.model import COLUMNS
+
+    sql.execute("INSERT INTO worker_jobs (type) VALUES ('x')")
+    cur = sql.execute(statements.get("claim"), {"limit": 1, "owner": "t", "lease_seconds": 5})
+    assert cur.description is not None
+    assert [c.name for c in cur.description] == [*COLUMNS, "lost"]
