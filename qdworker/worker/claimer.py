@@ -123,7 +123,7 @@ class Claimer:
             conn: psycopg.Connection[dict[str, Any]],
         ) -> tuple[list[Claimed], dict[str, Any] | None]:
             # Rows become Jobs here, in the claim's thread, straight from tuples.
-            with conn.cursor(row_factory=tuple_row) as cur:
+            with conn.cursor(row_factory=tuple_row, binary=True) as cur:
                 cur.execute(statements.get("claim"), params)
                 rows = [Claimed(Job(*row[:-1]), row[-1]) for row in cur]
             if len(rows) >= limit:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,8 @@ from .outbox import Outbox
 
 __all__ = ["MAX_MESSAGE_BYTES", "JobContext", "JobDatabase"]
 
+#: Parent of every job's logger adapter.
+JOB_LOGGER = logging.getLogger("qdworker.job")
 #: Largest message a job may send to users, as JSON.
 MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -71,19 +74,16 @@ def _check_message(message: Any) -> None:
 class JobContext:
     """The handler's view of its job and of the worker (trio coroutines)."""
 
-    def __init__(
-        self,
-        job: Job,
-        log: logging.LoggerAdapter[logging.Logger],
-        db: JobDatabase,
-        outbox: Outbox,
-        worker_id: str,
-    ) -> None:
+    def __init__(self, job: Job, db: JobDatabase, outbox: Outbox, worker_id: str) -> None:
         self.job = job
-        self.log = log
         self.db = db
         self.worker_id = worker_id
         self._outbox = outbox
+
+    @functools.cached_property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose lines carry the job's id and type (and the worker's id)."""
+        return logging.LoggerAdapter(JOB_LOGGER, {"job_id": self.job.id, "job_type": self.job.type})
 
     async def notify_user(self, user_id: int, message: Mapping[str, Any]) -> None:
         """Send ``message`` to websocket clients of ``user_id`` (through the supervisor)."""
@@ -102,7 +102,7 @@ class AsyncioJobContext(JobContext):
     """The context given to ``runtime="asyncio"`` handlers: the same API as asyncio coroutines."""
 
     def __init__(self, base: JobContext) -> None:
-        super().__init__(base.job, base.log, base.db, base._outbox, base.worker_id)
+        super().__init__(base.job, base.db, base._outbox, base.worker_id)
         import trio_asyncio
 
         self.db = _AsyncioDatabase(base.db)  # type: ignore[assignment]

@@ -47,7 +47,6 @@ from .wakeup import Wakeup
 __all__ = ["EXIT_STARTUP", "Worker", "WorkerStatistics", "main"]
 
 logger = logging.getLogger(__name__)
-job_logger = logging.getLogger("qdworker.job")
 
 EXIT_STARTUP = 2
 HEARTBEAT_SECONDS = 1.0
@@ -183,8 +182,7 @@ class Worker:
 
     async def _run_one(self, run: Run) -> None:
         job = run.job
-        log = logging.LoggerAdapter(job_logger, {"job_id": job.id, "job_type": job.type})
-        ctx = JobContext(job, log, self.db, self.outbox, self.worker_id)
+        ctx = JobContext(job, self.db, self.outbox, self.worker_id)
         if self.outbox.events_wanted:
             self.outbox.event(job_event("started", job))
         outcome = await run_job(run, ctx)

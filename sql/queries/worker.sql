@@ -60,13 +60,16 @@ SELECT extract(epoch FROM least(
 -- One statement (so one round trip, atomic under autocommit) for a whole batch of outcomes:
 -- finish rows (fenced), insert retry / next-tick successors of the rows actually finished
 -- (copying every user field), give back released runs (pending again at once) and wake the
--- other workers if any were released. Returns what happened to each id.
+-- other workers if any were released. Returns one row of arrays: cheap to read.
 WITH outcome AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(claims)s::integer[], %(success)s::boolean[],
-                         %(results)s::text[]) AS o(id, claims, success, result)
+    -- Arrays as text literals and results as one JSON array: cheap to build in Python.
+    SELECT * FROM ROWS FROM (unnest(%(ids)s::bigint[]), unnest(%(claims)s::integer[]),
+                             unnest(%(success)s::boolean[]),
+                             jsonb_array_elements(%(results)s::jsonb))
+           AS o(id, claims, success, result)
 ), done AS (
     UPDATE worker_jobs AS j
-       SET finished = now(), success = o.success, result = o.result::jsonb,
+       SET finished = now(), success = o.success, result = nullif(o.result, 'null'::jsonb),
            lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
       FROM outcome AS o
      WHERE j.id = o.id AND j.claims = o.claims AND j.finished IS NULL
@@ -93,14 +96,13 @@ WITH outcome AS (
      WHERE j.id = r.id AND j.claims = r.claims AND j.finished IS NULL
     RETURNING j.id
 )
-SELECT 'done' AS kind, id, finished, NULL::bigint AS successor_id FROM done
-UNION ALL
-SELECT 'successor', rescheduled_from_job, NULL, id FROM successor
-UNION ALL
-SELECT 'released', id, NULL, NULL FROM released
-UNION ALL
-SELECT 'woken', NULL, NULL, NULL
-  FROM (SELECT pg_notify('qdworker_jobs', 'release') FROM released LIMIT 1) AS wake
+SELECT (SELECT array_agg(id) FROM done) AS done_ids,
+       (SELECT array_agg(finished) FROM done) AS done_finished,
+       (SELECT array_agg(rescheduled_from_job) FROM successor) AS successor_of,
+       (SELECT array_agg(id) FROM successor) AS successor_ids,
+       (SELECT count(*) FROM released) AS released,
+       (SELECT count(*) FROM (SELECT pg_notify('qdworker_jobs', 'release')
+                                FROM released LIMIT 1) AS wake) AS woken
 
 -- name: release
 -- Give runs back (the stuck-worker watchdog): pending again at once; wake the others.
