@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Any, Literal, cast
 
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import tuple_row
 
 from .db import statements
 from .db.connection import Connection, connect, run_sync
@@ -139,8 +139,8 @@ def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _jobs(rows: list[dict[str, Any]]) -> list[Job]:
-    return [Job.from_row(row) for row in sorted(rows, key=lambda r: int(r["id"]))]
+#: Parameters of the single-job ``insert_job`` statement.
+_SINGLE_PARAMS = (*USER_FIELDS, "delay_ms")
 
 
 class Queue:
@@ -175,7 +175,11 @@ class Queue:
 
     async def submit_job(self, *, connection: Any = None, **fields: Any) -> Job:
         """Insert one job; return it as stored (with its id). See :func:`prepare_job`."""
-        return (await self._insert([prepare_job(fields)], connection))[0]
+        prepared = prepare_job(fields)
+        params = {key: prepared.get(key) for key in _SINGLE_PARAMS}
+        params["data"] = json.dumps(prepared["data"])
+        [row] = await self._execute(statements.get("insert_job"), params, connection)
+        return Job(*row)
 
     async def submit_jobs(
         self, jobs: Iterable[Mapping[str, Any]], *, connection: Any = None
@@ -190,7 +194,7 @@ class Queue:
 
     async def get_job(self, job_id: int) -> Job | None:
         rows = await self._execute(statements.get("get_job"), {"id": job_id}, None)
-        return Job.from_row(rows[0]) if rows else None
+        return Job(*rows[0]) if rows else None
 
     async def cancel_job(self, job_id: int, reason: str | None = None) -> CancelOutcome:
         """Cancel a job: ``'cancelled'`` (was pending), ``'cancelling'`` (running: its worker
@@ -198,33 +202,34 @@ class Queue:
         rows = await self._execute(
             statements.get("cancel_job"), {"id": job_id, "reason": reason}, None
         )
-        outcome: CancelOutcome = rows[0]["outcome"]
+        outcome: CancelOutcome = rows[0][0]
         return outcome
 
     async def _insert(self, prepared: list[dict[str, Any]], connection: Any) -> list[Job]:
         rows = await self._execute(
             statements.get("insert_jobs"), {"jobs": json.dumps(prepared)}, connection
         )
-        return _jobs(rows)
+        return sorted((Job(*row) for row in rows), key=lambda job: job.id)
 
     async def _execute(
         self, query: str, params: Mapping[str, Any], connection: Any
-    ) -> list[dict[str, Any]]:
+    ) -> list[tuple[Any, ...]]:
+        """Run ``query`` on our connection or the caller's; rows as tuples."""
         if connection is None:
             if self._conn is None:
                 raise RuntimeError("Queue is not open: use 'async with Queue(...) as queue'")
-            return await self._conn.execute(query, params)
+            return await self._conn.execute_tuples(query, params)
         if isinstance(connection, psycopg.AsyncConnection):
             try:
-                async with connection.cursor(row_factory=dict_row) as cur:
+                async with connection.cursor(row_factory=tuple_row, binary=True) as cur:
                     await cur.execute(cast(Any, query), params)
                     return await cur.fetchall()
             except psycopg.Error as exc:
                 raise DatabaseError(str(exc).strip(), sqlstate=exc.sqlstate) from exc
         if isinstance(connection, psycopg.Connection):
 
-            def call() -> list[dict[str, Any]]:
-                with connection.cursor(row_factory=dict_row) as cur:
+            def call() -> list[tuple[Any, ...]]:
+                with connection.cursor(row_factory=tuple_row, binary=True) as cur:
                     cur.execute(query, params)
                     return cur.fetchall()
 

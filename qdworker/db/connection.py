@@ -23,7 +23,7 @@ from typing import Any, TypeVar, cast
 import anyio
 import anyio.to_thread
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
 from ..errors import DatabaseError
 
@@ -149,11 +149,23 @@ class Connection:
     async def execute(
         self, query: str, params: Mapping[str, Any] | Sequence[Any] | None = None
     ) -> list[dict[str, Any]]:
-        """Execute one statement; return its rows (``[]`` when it returns none)."""
+        """Execute one statement; return its rows as dicts (``[]`` when it returns none)."""
 
         def call(conn: psycopg.Connection[dict[str, Any]]) -> list[dict[str, Any]]:
             cur = conn.execute(cast(Any, query), params)
             return cur.fetchall() if cur.description is not None else []
+
+        return await self.run(call)
+
+    async def execute_tuples(
+        self, query: str, params: Mapping[str, Any] | Sequence[Any] | None = None
+    ) -> list[tuple[Any, ...]]:
+        """Execute one statement; return its rows as tuples (cheaper: binary, no dicts)."""
+
+        def call(conn: psycopg.Connection[dict[str, Any]]) -> list[tuple[Any, ...]]:
+            with conn.cursor(row_factory=tuple_row, binary=True) as cur:
+                cur.execute(cast(Any, query), params)
+                return cur.fetchall() if cur.description is not None else []
 
         return await self.run(call)
 

@@ -1,6 +1,7 @@
 -- Submitting, reading and cancelling jobs (client API).
 
 -- name: insert_jobs
+-- Returns the columns in qdworker.model.Job's field order (as insert_job and get_job do).
 -- One round trip for any number of jobs: a JSON array of objects with the user fields
 -- (plus delay_ms, a due time relative to the database clock). Defaults match plain SQL inserts.
 INSERT INTO worker_jobs (
@@ -18,10 +19,40 @@ SELECT j.tag, j.type, coalesce(j.user_id, 0), coalesce(j.data, '{}'::jsonb),
        cron_schedule text, auto_reschedule_on_failure boolean,
        auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
        max_attempts integer, backoff text, timeout_seconds double precision)
-RETURNING *
+RETURNING id, tag, type, user_id, data, due, started, finished, remove_at, success, result,
+          cron_schedule, auto_reschedule_on_failure, auto_reschedule_on_failure_delay,
+          remove_delay, rescheduled_from_job, persistent, created_at, updated_at, attempt,
+          max_attempts, backoff, timeout_seconds, claims, lost_runs, lease_owner,
+          lease_expires_at, cancel_requested_at
+
+-- name: insert_job
+-- One job, the fast path of submit_job (a prepared statement; same defaults as insert_jobs).
+INSERT INTO worker_jobs (
+    tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
+    auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
+    timeout_seconds)
+VALUES (%(tag)s::text, %(type)s::text, coalesce(%(user_id)s::bigint, 0),
+        coalesce(%(data)s::jsonb, '{}'::jsonb),
+        coalesce(%(due)s::timestamptz,
+                 now() + coalesce(%(delay_ms)s::float8, 0) * interval '1 millisecond'),
+        %(cron_schedule)s::text, coalesce(%(auto_reschedule_on_failure)s::boolean, false),
+        coalesce(%(auto_reschedule_on_failure_delay)s::bigint, 0),
+        coalesce(%(remove_delay)s::bigint, 0), coalesce(%(persistent)s::boolean, false),
+        %(max_attempts)s::integer, coalesce(%(backoff)s::text, 'fixed'),
+        %(timeout_seconds)s::float8)
+RETURNING id, tag, type, user_id, data, due, started, finished, remove_at, success, result,
+          cron_schedule, auto_reschedule_on_failure, auto_reschedule_on_failure_delay,
+          remove_delay, rescheduled_from_job, persistent, created_at, updated_at, attempt,
+          max_attempts, backoff, timeout_seconds, claims, lost_runs, lease_owner,
+          lease_expires_at, cancel_requested_at
 
 -- name: get_job
-SELECT * FROM worker_jobs WHERE id = %(id)s
+SELECT id, tag, type, user_id, data, due, started, finished, remove_at, success, result,
+       cron_schedule, auto_reschedule_on_failure, auto_reschedule_on_failure_delay,
+       remove_delay, rescheduled_from_job, persistent, created_at, updated_at, attempt,
+       max_attempts, backoff, timeout_seconds, claims, lost_runs, lease_owner,
+       lease_expires_at, cancel_requested_at
+  FROM worker_jobs WHERE id = %(id)s
 
 -- name: cancel_job
 SELECT qdworker_cancel_job(%(id)s, %(reason)s) AS outcome
