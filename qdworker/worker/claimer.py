@@ -84,6 +84,7 @@ class Claimer:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Claim until ``stopping`` is set. Database errors are logged and retried."""
         self._conn = await connect(self._url, application_name="qdworker-claim")
+        await self._next_wakeup()  # the database clock's offset, before any cron arithmetic
         task_status.started()
         delay = RETRY_MIN_SECONDS
         try:
@@ -93,7 +94,12 @@ class Claimer:
                     await self._wake.wait_until(math.inf)
                     continue
                 try:
-                    rows, wait = await self._claim(free)
+                    claimed = await self._claim(free)
+                    for job in claimed:
+                        self._spawn(job)
+                    # Drained for now: find out how long to sleep (after the claimed jobs
+                    # started, so they do not wait for this round trip).
+                    wait = None if self.backlog else await self._next_wakeup()
                     delay = RETRY_MIN_SECONDS
                 except Exception as exc:
                     if not is_transient(exc):
@@ -105,44 +111,37 @@ class Claimer:
                     if self._conn.closed:
                         self._conn = await connect(self._url, application_name="qdworker-claim")
                     continue
-                for claimed in rows:
-                    self._spawn(claimed)
                 if wait is not None:
                     await self._wake.wait_until(trio.current_time() + wait)
         finally:
             with trio.CancelScope(shield=True):
                 await self._conn.aclose()
 
-    async def _claim(self, limit: int) -> tuple[list[Claimed], float | None]:
-        """Claim up to ``limit`` jobs. Returns them and, if the queue looked drained, how long
-        to sleep before looking again."""
+    async def _claim(self, limit: int) -> list[Claimed]:
+        """Claim up to ``limit`` jobs; sets :attr:`backlog` if it got all it asked for."""
         assert self._conn is not None
         params = {"limit": limit, "owner": self._owner, "lease_seconds": self._lease}
 
-        def claim(
-            conn: psycopg.Connection[dict[str, Any]],
-        ) -> tuple[list[Claimed], dict[str, Any] | None]:
-            # Rows become Jobs here, in the claim's thread, straight from tuples.
+        def claim(conn: psycopg.Connection[dict[str, Any]]) -> list[Claimed]:
+            # Rows become Jobs here, in the claim's thread, straight from binary tuples.
             with conn.cursor(row_factory=tuple_row, binary=True) as cur:
                 cur.execute(statements.get("claim"), params)
-                rows = [Claimed(Job(*row[:-1]), row[-1]) for row in cur]
-            if len(rows) >= limit:
-                return rows, None
-            before = time.time()
-            nxt = conn.execute(statements.get("next_wakeup"), {"owner": self._owner}).fetchone()
-            if nxt is not None:
-                nxt["local"] = (before + time.time()) / 2
-            return rows, nxt
+                return [Claimed(Job(*row[:-1]), row[-1]) for row in cur]
 
-        claimed, nxt = await self._conn.run(claim)
-        self.backlog = nxt is None
+        claimed = await self._conn.run(claim)
+        self.backlog = len(claimed) >= limit
         self._claims += 1
         self._claimed += len(claimed)
         self._lost += sum(c.lost for c in claimed)
-        if nxt is None:
-            return claimed, None
-        self.clock_offset = float(nxt["db_epoch"]) - float(nxt["local"])
-        seconds = nxt["seconds"]
+        return claimed
+
+    async def _next_wakeup(self) -> float:
+        """Seconds to sleep before looking again: until the next due job or foreign lease
+        expiry, at most the poll interval. Also measures the database clock's offset."""
+        assert self._conn is not None
+        before = time.time()
+        [row] = await self._conn.execute(statements.get("next_wakeup"), {"owner": self._owner})
+        self.clock_offset = float(row["db_epoch"]) - (before + time.time()) / 2
+        seconds = row["seconds"]
         self._next_due_in = None if seconds is None else max(0.0, float(seconds))
-        wait = self._poll if self._next_due_in is None else min(self._poll, self._next_due_in)
-        return claimed, wait
+        return self._poll if self._next_due_in is None else min(self._poll, self._next_due_in)
