@@ -121,3 +121,18 @@ async def test_five_supervisors_seed_builtin_cron_jobs_once(db_url: str, tmp_pat
             "SELECT tag, cron_schedule, auto_reschedule_on_failure_delay FROM worker_jobs WHERE finished IS NULL"
         ).fetchall()
     assert rows == [("cron:removeOldWorkerJobs", "0 0 * * * *", 60000)]
+
+
+def test_workers_of_a_killed_supervisor_release_their_jobs_and_exit(db_url: str) -> None:
+    _runs_table(db_url)
+    supervisor = start_supervisor(db_url, QDWORKER_LEASE_SECONDS="60")
+    with running(supervisor):
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO worker_jobs (type, data) VALUES ('sleep', '{\"seconds\": 60}')")
+        wait_for(db_url, "SELECT * FROM test_runs", lambda rows: len(rows) == 1)
+        [child] = psutil.Process(supervisor.pid).children()
+        supervisor.send_signal(signal.SIGKILL)
+        supervisor.wait()
+        child.wait(timeout=2)  # it noticed the closed IPC socket
+    [row] = wait_for(db_url, "SELECT * FROM worker_jobs WHERE type = 'sleep'", lambda rows: True)
+    assert row["started"] is None and row["finished"] is None and row["lease_owner"] is None
