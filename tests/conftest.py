@@ -11,6 +11,7 @@ import os
 import sys
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -74,30 +75,34 @@ def template_url(pg_server_url: str) -> Iterator[str]:
         admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE_DB} WITH (FORCE)")
 
 
+@contextmanager
+def _scratch_database(server_url: str, prefix: str, template: str | None) -> Iterator[str]:
+    """A new database (a copy of ``template``, if given), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    create = f"CREATE DATABASE {name}"
+    if template is not None:
+        create += f" TEMPLATE {template} STRATEGY FILE_COPY"
+    with _admin(server_url) as admin:
+        admin.execute(create)
+    try:
+        yield with_dbname(server_url, name)
+    finally:
+        with _admin(server_url) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 @pytest.fixture
 def db_url(pg_server_url: str, template_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test only."""
-    name = f"qdworker_test_{uuid.uuid4().hex[:12]}"
-    with _admin(pg_server_url) as admin:
-        admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE_DB} STRATEGY FILE_COPY")
-    try:
-        yield with_dbname(pg_server_url, name)
-    finally:
-        with _admin(pg_server_url) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with _scratch_database(pg_server_url, "qdworker_test", TEMPLATE_DB) as url:
+        yield url
 
 
 @pytest.fixture
 def empty_db_url(pg_server_url: str) -> Iterator[str]:
     """A fresh database with no schema at all."""
-    name = f"qdworker_empty_{uuid.uuid4().hex[:12]}"
-    with _admin(pg_server_url) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
-        yield with_dbname(pg_server_url, name)
-    finally:
-        with _admin(pg_server_url) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    with _scratch_database(pg_server_url, "qdworker_empty", None) as url:
+        yield url
 
 
 @pytest.fixture
