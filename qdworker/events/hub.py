@@ -45,6 +45,7 @@ import trio
 from qdworker.events.tokens import Identity
 
 __all__ = [
+    "DEFAULT_CLIENT_QUEUE_CHARS",
     "DEFAULT_CLIENT_QUEUE_SIZE",
     "INVALID_LOG_INTERVAL_SECONDS",
     "JOB_EVENT_KINDS",
@@ -58,7 +59,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CLIENT_QUEUE_SIZE: Final = 1000
+DEFAULT_CLIENT_QUEUE_SIZE: Final = 8192  # messages
+#: Characters of queued messages per client; a client that falls further behind is dropped.
+DEFAULT_CLIENT_QUEUE_CHARS: Final = 1024 * 1024
 """Messages a client may lag behind before it is dropped."""
 
 MAX_SUBSCRIPTION_ITEMS: Final = 1000
@@ -127,21 +130,27 @@ class HubClient:
         "_closed",
         "_follow_ids",
         "_hub",
+        "_max_chars",
         "_maxsize",
         "_overflow_event",
         "_queue",
+        "_queued_chars",
         "_subscription",
         "_waiter",
         "client_id",
         "identity",
     )
 
-    def __init__(self, hub: Hub, client_id: int, identity: Identity | None, maxsize: int) -> None:
+    def __init__(
+        self, hub: Hub, client_id: int, identity: Identity | None, maxsize: int, max_chars: int
+    ) -> None:
         self._hub = hub
         self.client_id = client_id
         self.identity = identity
         self._maxsize = maxsize
+        self._max_chars = max_chars
         self._queue: deque[str] = deque()
+        self._queued_chars = 0
         self._waiter: trio.Event | None = None
         self._overflow_event = trio.Event()
         self._closed = False
@@ -173,7 +182,9 @@ class HubClient:
             if self._queue:
                 q = self._queue
                 count = min(max_items, len(q))
-                return [q.popleft() for _ in range(count)]
+                batch = [q.popleft() for _ in range(count)]
+                self._queued_chars -= sum(map(len, batch))
+                return batch
             waiter = self._waiter = trio.Event()
             await waiter.wait()
 
@@ -187,16 +198,19 @@ class HubClient:
         """Enqueue without blocking; on a full queue mark overflowed."""
         if self._closed or self._overflow_event.is_set():
             return False
-        if len(self._queue) >= self._maxsize:
+        if len(self._queue) >= self._maxsize or self._queued_chars + len(text) > self._max_chars:
             self._queue.clear()
+            self._queued_chars = 0
             self._overflow_event.set()
             self._hub._dropped_clients += 1
             logger.warning(
-                "client %d overflowed its queue of %d messages", self.client_id, self._maxsize
-            )
+                "client %d fell behind by more than %d messages or %d characters: dropped",
+                self.client_id, self._maxsize, self._max_chars,
+            )  # fmt: skip
             self._wake()
             return False
         self._queue.append(text)
+        self._queued_chars += len(text)
         self._hub._delivered += 1
         self._wake()
         return True
@@ -242,10 +256,16 @@ def _is_int(value: Any) -> bool:
 class Hub:
     """Fan-out point; see the module docstring for routing rules."""
 
-    def __init__(self, *, client_queue_size: int = DEFAULT_CLIENT_QUEUE_SIZE) -> None:
-        if client_queue_size < 1:
-            raise ValueError("client_queue_size must be >= 1")
+    def __init__(
+        self,
+        *,
+        client_queue_size: int = DEFAULT_CLIENT_QUEUE_SIZE,
+        client_queue_chars: int = DEFAULT_CLIENT_QUEUE_CHARS,
+    ) -> None:
+        if client_queue_size < 1 or client_queue_chars < 1:
+            raise ValueError("client_queue_size and client_queue_chars must be >= 1")
         self._client_queue_size = client_queue_size
+        self._client_queue_chars = client_queue_chars
         self._clients: set[HubClient] = set()
         self._admins: set[HubClient] = set()
         self._by_user: dict[int, set[HubClient]] = {}  # non-admin identified clients
@@ -271,7 +291,9 @@ class Hub:
 
     def add_client(self, identity: Identity | None = None) -> HubClient:
         """Register a consumer; ``None`` means anonymous (broadcasts only)."""
-        client = HubClient(self, self._next_client_id, None, self._client_queue_size)
+        client = HubClient(
+            self, self._next_client_id, None, self._client_queue_size, self._client_queue_chars
+        )
         self._next_client_id += 1
         self._clients.add(client)
         self._index(client, identity)
