@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,8 +43,13 @@ def pg_server_url() -> Iterator[str]:
         yield url
         return
     from qdworker.db import embedded
+    from qdworker.errors import EmbeddedDatabaseError
 
-    server = embedded.start(DATA_DIR)
+    try:
+        server = embedded.start(DATA_DIR)
+    except EmbeddedDatabaseError:
+        # A data dir left broken by an earlier run must not fail the suite: start afresh.
+        server = embedded.start(Path(tempfile.mkdtemp(prefix="qdworker-test-pg-")))
     try:
         yield server.url
     finally:
