@@ -128,7 +128,9 @@ def test_workers_of_a_killed_supervisor_release_their_jobs_and_exit(db_url: str)
     supervisor = start_supervisor(db_url, QDWORKER_LEASE_SECONDS="60")
     with running(supervisor):
         with psycopg.connect(db_url, autocommit=True) as conn:
-            conn.execute("INSERT INTO worker_jobs (type, data) VALUES ('sleep', '{\"seconds\": 60}')")
+            conn.execute(
+                "INSERT INTO worker_jobs (type, data) VALUES ('sleep', '{\"seconds\": 60}')"
+            )
         wait_for(db_url, "SELECT * FROM test_runs", lambda rows: len(rows) == 1)
         [child] = psutil.Process(supervisor.pid).children()
         supervisor.send_signal(signal.SIGKILL)

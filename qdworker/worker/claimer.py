@@ -11,7 +11,6 @@ delays a job by at most the poll interval.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,6 +74,8 @@ class Claimer:
         self.clock_offset = 0.0  # database clock minus local clock, seconds
         #: The last claim was full: more jobs may be due, so a freed slot should claim again.
         self.backlog = False
+        #: Woken (NOTIFY or timer) while there was no room: claim as soon as a slot frees.
+        self.wanted = False
         self._claims = self._claimed = self._lost = 0
         self._next_due_in: float | None = None
 
@@ -91,7 +92,9 @@ class Claimer:
             while not self._stopping.is_set():
                 free = self._free()
                 if free <= 0:
-                    await self._wake.wait_until(math.inf)
+                    # Bounded, so a due job or expired lease is looked for at least every poll.
+                    await self._wake.wait_until(trio.current_time() + self._poll)
+                    self.wanted = True
                     continue
                 try:
                     claimed = await self._claim(free)
@@ -128,6 +131,7 @@ class Claimer:
                 cur.execute(statements.get("claim"), params)
                 return [Claimed(Job(*row[:-1]), row[-1]) for row in cur]
 
+        self.wanted = False
         claimed = await self._conn.run(claim)
         self.backlog = len(claimed) >= limit
         self._claims += 1

@@ -32,6 +32,7 @@ from ..db.connection import Connection, connect, is_transient
 from ..schedule import backoff, cron
 from .outbox import Outbox
 from .outcome import Outcome, job_event
+from .runner import error_result
 
 __all__ = ["Completer", "CompleterStatistics"]
 
@@ -51,6 +52,12 @@ class CompleterStatistics:
     successors: int
     batches: int
     pending: int
+
+
+def _unstorable(exc: Exception) -> dict[str, str]:
+    sqlstate = getattr(exc, "sqlstate", None) or "?"
+    message = f"the outcome could not be stored (SQLSTATE {sqlstate})"
+    return error_result(message, "UnstorableOutcome")
 
 
 def _int_array(values: Iterable[int]) -> str:
@@ -126,16 +133,23 @@ class Completer:
                 await self._conn.aclose()
 
     async def _write_with_retry(self, batch: list[Outcome]) -> None:
+        """Write ``batch``; retry transient failures (reconnecting) until it is written.
+
+        A failure that is not transient means Postgres refuses a value in the batch (a result
+        with a NUL character, a retry delay out of range …): the batch is split until the
+        offending outcome is alone, which is then stored as a plain failure saying why, so
+        one bad result never blocks the others.
+        """
         delay = RETRY_MIN_SECONDS
         while True:
             try:
                 await self._write(batch)
                 return
             except Exception as exc:
-                if not is_transient(exc) and not (self._conn and self._conn.closed):
-                    logger.exception("writing %d job outcomes failed; retrying", len(batch))
-                else:
-                    logger.warning("writing job outcomes failed (%s); retrying", exc)
+                if not is_transient(exc) and not (self._conn is None or self._conn.closed):
+                    await self._write_refused(batch, exc)
+                    return
+                logger.warning("writing job outcomes failed (%s); retrying", exc)
             await trio.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_SECONDS)
             if self._conn is None or self._conn.closed:
@@ -143,6 +157,26 @@ class Completer:
                     self._conn = await connect(self._url, application_name="qdworker-complete")
                 except Exception as exc:
                     logger.warning("reconnect failed: %s", exc)
+
+    async def _write_refused(self, batch: list[Outcome], exc: Exception) -> None:
+        if len(batch) > 1:
+            middle = len(batch) // 2
+            await self._write_with_retry(batch[:middle])
+            await self._write_with_retry(batch[middle:])
+            return
+        [outcome] = batch
+        job = outcome.job
+        if outcome.result == _unstorable(exc) or outcome.ending == "release":
+            # Even the plain failure was refused: leave the row to its lease (it is rescued).
+            logger.error("job %d (%s): its outcome cannot be stored (%s); leaving it to its "
+                         "lease", job.id, job.type, exc,
+                         extra={"job_id": job.id, "job_type": job.type})  # fmt: skip
+            self._on_done(outcome)
+            return
+        logger.error("job %d (%s): its outcome was refused by the database (%s); storing it "
+                     "as a failure", job.id, job.type, exc,
+                     extra={"job_id": job.id, "job_type": job.type})  # fmt: skip
+        await self._write_with_retry([Outcome(job, "failed", _unstorable(exc), retry=False)])
 
     def _db_now(self) -> datetime:
         return datetime.fromtimestamp(time.time() + self._clock_offset(), UTC)

@@ -127,7 +127,7 @@ class Worker:
             self._completed += 1
         elif outcome.ending != "release":
             self._failed += 1
-        if self._unwritten == MAX_UNWRITTEN - 1 and self.claimer.backlog:
+        if self._unwritten == MAX_UNWRITTEN - 1 and (self.claimer.backlog or self.claimer.wanted):
             self.wake.set()
 
     def _finished(self, outcome: Outcome) -> None:
@@ -136,7 +136,7 @@ class Worker:
         self.completer.submit(outcome)
         self.pacer.completed()
         self._dispatch()
-        if self.claimer.backlog or self.stop_claiming.is_set():
+        if self.claimer.backlog or self.claimer.wanted or self.stop_claiming.is_set():
             self.wake.set()
 
     def _dispatch(self) -> None:
@@ -153,6 +153,14 @@ class Worker:
 
     def _spawn(self, claimed: Claimed) -> None:
         job = claimed.job
+        if self.stop_claiming.is_set():  # claimed while stopping: give it straight back
+            self._unwritten += 1
+            self.completer.submit(Outcome(job, "release"))
+            return
+        if job.id in self.runs:  # cannot happen: the claim skips this worker's own leases
+            logger.error("job %d (%s): claimed again while running here; ignored", job.id,
+                         job.type, extra={"job_id": job.id, "job_type": job.type})  # fmt: skip
+            return
         if claimed.lost and self._lost_too_often(job):
             limit = job.max_attempts if job.max_attempts is not None else self.cfg.max_lost_runs
             reason = (
@@ -186,6 +194,8 @@ class Worker:
         if self.outbox.events_wanted:
             self.outbox.event(job_event("started", job))
         outcome = await run_job(run, ctx)
+        if run.abandoned:  # given back at shutdown while it ignored cancellation
+            return
         if run.thread_done is not None and not run.thread_done.is_set():
             self._watch_abandoned_thread(run)
         self._finished(outcome)
@@ -292,6 +302,11 @@ class Worker:
         with trio.move_on_after(RELEASE_GRACE_SECONDS):
             while self.runs:
                 await self.wake.wait_until(math.inf)
+        for run in list(self.runs.values()):  # handlers that ignore cancellation
+            del self.runs[run.job.id]
+            run.abandoned = True
+            self._unwritten += 1
+            self.completer.submit(Outcome(run.job, "release"))
         with trio.move_on_after(RELEASE_GRACE_SECONDS * 2):
             await self.completer.wait_idle()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Run:
     deadline: float | None = None  # time.monotonic(), read by the lease keeper's thread
     cancel_reason: str | None = None
     releasing: bool = False
+    abandoned: bool = False  # given back at shutdown while its handler ignored cancellation
     thread: threading.Thread | None = None  # a plain-def handler's thread
     thread_done: threading.Event | None = None
 
@@ -59,8 +61,19 @@ class Run:
         self.scope.cancel()
 
 
+#: A NUL character as json.dumps writes it (an escaped backslash before "u0000" is not one).
+_JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _storable_text(text: str) -> str:
+    """``text`` without what Postgres cannot store in jsonb: NUL characters, lone surrogates."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_result(message: str, error_type: str) -> dict[str, str]:
-    text = redact(message)
+    text = _storable_text(redact(message))
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 1] + "…"
     return {"error": text, "error_type": error_type}
@@ -77,6 +90,11 @@ def _encode_result(value: Any) -> tuple[str, None] | tuple[None, dict[str, str]]
     if len(text) > MAX_RESULT_BYTES:
         return None, error_result(
             f"result is {len(text)} bytes as JSON; the limit is {MAX_RESULT_BYTES}", "InvalidResult"
+        )
+    if _JSON_NUL.search(text):
+        return None, error_result(
+            "result contains a NUL character (\\u0000), which Postgres cannot store",
+            "InvalidResult",
         )
     return text, None
 

@@ -11,6 +11,7 @@ WITH lost AS (
       FROM worker_jobs
      WHERE started IS NOT NULL AND finished IS NULL
        AND (lease_expires_at IS NULL OR lease_expires_at < now())
+       AND lease_owner IS DISTINCT FROM %(owner)s  -- never our own run (renewal lagged)
      ORDER BY lease_expires_at NULLS FIRST
      LIMIT %(limit)s
        FOR UPDATE SKIP LOCKED

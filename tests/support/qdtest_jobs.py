@@ -90,3 +90,13 @@ def block_thread(ctx: Any) -> None:
 async def notify(ctx: Any) -> None:
     await ctx.notify_user(ctx.job.user_id, {"type": "hello", "data": ctx.job.data})
     await ctx.broadcast({"type": "everyone", "data": {}})
+
+
+@job("nulResult")
+async def nul_result(ctx: Any) -> Any:
+    return {"text": "a\x00b"}
+
+
+@job("nulError")
+async def nul_error(ctx: Any) -> None:
+    raise ValueError("bad \x00 byte and a lone \ud800 surrogate")

@@ -151,3 +151,23 @@ def test_job_due_later_starts_on_time(jobs_db: str) -> None:
         assert stop(worker) == 0
     late = rows[0]["started"] - job["due"]
     assert timedelta(0) <= late < timedelta(seconds=0.5)
+
+
+def test_values_postgres_refuses_fail_their_job_and_block_nothing(jobs_db: str) -> None:
+    sql(
+        jobs_db,
+        """INSERT INTO worker_jobs (type, auto_reschedule_on_failure,
+        auto_reschedule_on_failure_delay) VALUES ('boom', true, 9000000000000000000)""",
+    )
+    sql(jobs_db, "INSERT INTO worker_jobs (type) VALUES ('nulResult'), ('nulError'), ('noop')")
+    with running(start_worker(jobs_db)) as worker:
+        rows = wait_for(jobs_db, JOBS, all_finished)
+        sql(jobs_db, "INSERT INTO worker_jobs (type) VALUES ('record')")  # still working
+        wait_for(jobs_db, "SELECT * FROM test_runs", lambda r: len(r) == 1)
+        assert stop(worker) == 0
+    results = {r["type"]: (r["success"], r["result"]) for r in rows}
+    assert results["boom"][1]["error_type"] == "UnstorableOutcome"  # its retry delay overflowed
+    assert results["nulResult"][1]["error"].startswith("result contains a NUL character")
+    assert results["nulError"] == (
+        False, {"error": "bad \\x00 byte and a lone \\ud800 surrogate", "error_type": "ValueError"})  # fmt: skip
+    assert results["noop"] == (True, {"ok": True})
