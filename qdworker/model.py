@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -49,11 +48,6 @@ class Job:
     lease_owner: str | None
     lease_expires_at: datetime | None
     cancel_requested_at: datetime | None
-
-    @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Job:
-        """Build from a row mapping (extra keys are ignored)."""
-        return cls(*(row[name] for name in COLUMNS))
 
     @property
     def status(self) -> JobStatus:

@@ -56,12 +56,34 @@ async def _notify(tx: ChainTransaction, wallet: str, data: dict[str, Any]) -> in
         return None
     user_id = int(rows[0]["user_id"])
     row = (await tx.execute(ADD_NOTIFICATION, {"user_id": user_id, "data": json.dumps(data)}))[0]
-    tx.notify_user(user_id, {
-        "type": NOTIFICATION_RECEIVED,
-        "data": {"id": row["id"], "userId": user_id, "data": data,
-                 "createdAt": row["created_at"].isoformat(), "read": False},
-    })
+    tx.notify_user(
+        user_id,
+        {
+            "type": NOTIFICATION_RECEIVED,
+            "data": {
+                "id": row["id"],
+                "userId": user_id,
+                "data": data,
+                "createdAt": row["created_at"].isoformat(),
+                "read": False,
+            },
+        },
+    )
     return user_id
+
+
+async def _notify_or_skip(
+    ctx: Any, tx: ChainTransaction, name: str, log: ChainLog, wallet: str, data: dict[str, Any]
+) -> None:
+    """Notify the wallet's user; one bad log entry is rolled back to its savepoint and skipped."""
+    try:
+        async with tx.savepoint():
+            user_id = await _notify(tx, wallet, data)
+    except Exception:
+        ctx.log.exception("%s: skipping log %s", name, log.id)
+        return
+    if user_id is None:
+        ctx.log.debug("%s: no user for wallet %s", name, wallet)
 
 
 @chain_filter("sendToken", event=_event_abi("SimpleToken", "TokenTransferred"))
@@ -80,18 +102,12 @@ async def send_token(ctx: Any, logs: list[ChainLog], tx: ChainTransaction) -> No
             "tokenSymbol": a["symbol"],
             "tokenName": a["name"],
         }
-        try:
-            async with tx.savepoint():
-                user_id = await _notify(tx, a["from"], data)
-        except Exception:
-            ctx.log.exception("sendToken: skipping log %s", log.id)
-            continue
-        if user_id is None:
-            ctx.log.debug("sendToken: no user for wallet %s", a["from"])
+        await _notify_or_skip(ctx, tx, "sendToken", log, a["from"], data)
 
 
-@chain_filter("createToken", event=_event_abi("TokenFactory", "ERC20NewToken"),
-              address=_factory_address())
+@chain_filter(
+    "createToken", event=_event_abi("TokenFactory", "ERC20NewToken"), address=_factory_address()
+)
 async def create_token(ctx: Any, logs: list[ChainLog], tx: ChainTransaction) -> None:
     for log in logs:
         a = log.args
@@ -105,11 +121,4 @@ async def create_token(ctx: Any, logs: list[ChainLog], tx: ChainTransaction) -> 
             "tokenSymbol": a["symbol"],
             "tokenName": a["name"],
         }
-        try:
-            async with tx.savepoint():
-                user_id = await _notify(tx, a["creator"], data)
-        except Exception:
-            ctx.log.exception("createToken: skipping log %s", log.id)
-            continue
-        if user_id is None:
-            ctx.log.warning("createToken: no user for wallet %s", a["creator"])
+        await _notify_or_skip(ctx, tx, "createToken", log, a["creator"], data)
