@@ -46,6 +46,7 @@ from . import logs
 from .client import Queue
 from .config import Config
 from .db import embedded, migrate, statements
+from .db.connect import DbOptions
 from .db.connection import connect
 from .errors import ConfigError, QdworkerError
 from .supervisor.main import Manager, embedded_database, serve
@@ -192,7 +193,7 @@ def _add_migrate(parser: argparse.ArgumentParser) -> None:
 
 async def _migrate(config: Config) -> list[int]:
     async with embedded_database(config) as url:
-        conn = await connect(url, application_name="qdworker-migrate")
+        conn = await connect(url, "migrate", DbOptions(config.db_timeout), statement_timeout=False)
         try:
             return await migrate.apply(conn)
         finally:
@@ -291,7 +292,7 @@ def _add_status(parser: argparse.ArgumentParser) -> None:
 
 async def _status(config: Config) -> list[dict[str, Any]]:
     async with embedded_database(config) as url:
-        conn = await connect(url, application_name="qdworker-status")
+        conn = await connect(url, "status", DbOptions(config.db_timeout))
         try:
             return await conn.execute(statements.get("job_status_counts"))
         finally:

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import psycopg
-from psycopg.rows import tuple_row
 
-from .db import statements
-from .db.connection import Connection, connect, run_sync
+from .db import statements, store
+from .db.connect import DEFAULT_TIMEOUT_SECONDS, DbOptions, translate
+from .db.connection import Connection, Link
 from .errors import DatabaseError, InvalidJobError
 from .model import USER_FIELDS, Job
 from .schedule import backoff as backoff_rules
@@ -142,25 +142,39 @@ def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
 #: Parameters of the single-job ``insert_job`` statement.
 _SINGLE_PARAMS = (*USER_FIELDS, "delay_ms")
 
+Raw = psycopg.Connection[Any]
+T = TypeVar("T")
+
 
 class Queue:
     """A client of one qdworker database. Use as an async context manager (or :meth:`open` /
-    :meth:`aclose`). ``dsn`` defaults to ``DATABASE_URL`` or the running embedded server."""
+    :meth:`aclose`). ``dsn`` defaults to ``DATABASE_URL`` or the running embedded server.
 
-    def __init__(self, dsn: str | None = None) -> None:
+    It owns one connection and reopens it by itself: after a database restart or a terminated
+    backend the next call just works. A call that finds the database unreachable raises
+    :class:`~qdworker.errors.DatabaseUnavailableError` (nothing was written; a connection found
+    broken before sending is replaced and the call made again once). A call cut off after its
+    statement was sent raises :class:`~qdworker.errors.OutcomeUnknownError`: the job may or may
+    not have been written (look for it, e.g. by its tag, before submitting it again).
+    """
+
+    def __init__(self, dsn: str | None = None, *, db_timeout: float = DEFAULT_TIMEOUT_SECONDS):
         self._dsn = dsn
-        self._conn: Connection | None = None
+        self._options = DbOptions(db_timeout)
+        self._link: Link | None = None
 
     async def open(self) -> Queue:
-        if self._conn is None:
-            dsn = self._dsn or _default_dsn()
-            self._conn = await connect(dsn, application_name="qdworker-client")
+        """Connect (raises :class:`~qdworker.errors.DatabaseUnavailableError` if it cannot)."""
+        if self._link is None:
+            link = Link(self._dsn or _default_dsn(), "client", self._options, persistent=False)
+            await link.connection()
+            self._link = link
         return self
 
     async def aclose(self) -> None:
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            await conn.aclose()
+        if self._link is not None:
+            link, self._link = self._link, None
+            await link.aclose()
 
     async def __aenter__(self) -> Queue:
         return await self.open()
@@ -178,8 +192,10 @@ class Queue:
         prepared = prepare_job(fields)
         params = {key: prepared.get(key) for key in _SINGLE_PARAMS}
         params["data"] = json.dumps(prepared["data"])
-        [row] = await self._execute(statements.get("insert_job"), params, connection)
-        return Job(*row)
+        if connection is not None:
+            [job] = await _on_callers(connection, "insert_job", params)
+            return job
+        return await self._run(lambda raw: store.insert_job(raw, params))
 
     async def submit_jobs(
         self, jobs: Iterable[Mapping[str, Any]], *, connection: Any = None
@@ -190,51 +206,48 @@ class Queue:
             raise InvalidJobError(f"submit_jobs takes at most {MAX_BATCH} jobs per call")
         if not prepared:
             return []
-        return await self._insert(prepared, connection)
+        if connection is not None:
+            inserted = await _on_callers(connection, "insert_jobs", {"jobs": json.dumps(prepared)})
+            return sorted(inserted, key=lambda job: job.id)
+        return await self._run(lambda raw: store.insert_jobs(raw, prepared))
 
     async def get_job(self, job_id: int) -> Job | None:
-        rows = await self._execute(statements.get("get_job"), {"id": job_id}, None)
-        return Job(*rows[0]) if rows else None
+        return await self._run(lambda raw: store.get_job(raw, job_id), idempotent=True)
 
     async def cancel_job(self, job_id: int, reason: str | None = None) -> CancelOutcome:
         """Cancel a job: ``'cancelled'`` (was pending), ``'cancelling'`` (running: its worker
-        cancels the handler within a second), ``'finished'`` (no-op) or ``'not_found'``."""
-        rows = await self._execute(
-            statements.get("cancel_job"), {"id": job_id, "reason": reason}, None
+        cancels the handler within a second), ``'finished'`` (no-op) or ``'not_found'``.
+        Safe to repeat, so a call cut off by a broken connection is made again."""
+        outcome = await self._run(
+            lambda raw: store.cancel_job(raw, job_id, reason), idempotent=True
         )
-        outcome: CancelOutcome = rows[0][0]
-        return outcome
+        return cast(CancelOutcome, outcome)
 
-    async def _insert(self, prepared: list[dict[str, Any]], connection: Any) -> list[Job]:
-        rows = await self._execute(
-            statements.get("insert_jobs"), {"jobs": json.dumps(prepared)}, connection
-        )
-        return sorted((Job(*row) for row in rows), key=lambda job: job.id)
+    async def _run(self, fn: Callable[[Raw], T], *, idempotent: bool = False) -> T:
+        if self._link is None:
+            raise RuntimeError("Queue is not open: use 'async with Queue(...) as queue'")
+        return await self._link.run(fn, idempotent=idempotent)
 
-    async def _execute(
-        self, query: str, params: Mapping[str, Any], connection: Any
-    ) -> list[tuple[Any, ...]]:
-        """Run ``query`` on our connection or the caller's; rows as tuples."""
-        if connection is None:
-            if self._conn is None:
-                raise RuntimeError("Queue is not open: use 'async with Queue(...) as queue'")
-            return await self._conn.execute_tuples(query, params)
-        if isinstance(connection, psycopg.AsyncConnection):
-            try:
-                async with connection.cursor(row_factory=tuple_row, binary=True) as cur:
-                    await cur.execute(cast(Any, query), params)
-                    return await cur.fetchall()
-            except psycopg.Error as exc:
-                raise DatabaseError(str(exc).strip(), sqlstate=exc.sqlstate) from exc
-        if isinstance(connection, psycopg.Connection):
 
-            def call() -> list[tuple[Any, ...]]:
-                with connection.cursor(row_factory=tuple_row, binary=True) as cur:
-                    cur.execute(query, params)
-                    return cur.fetchall()
+async def _on_callers(connection: Any, name: str, params: Mapping[str, Any]) -> list[Job]:
+    """Run statement ``name`` on the caller's own connection (inside their transaction)."""
+    query = statements.get(name)
+    if isinstance(connection, psycopg.AsyncConnection):
+        try:
+            async with connection.cursor(row_factory=store.job_row, binary=True) as cur:
+                await cur.execute(cast(Any, query), params)
+                return await cur.fetchall()
+        except psycopg.Error as exc:
+            raise translate(exc) from exc
+    if isinstance(connection, psycopg.Connection):
 
-            return await run_sync(connection, call)
-        raise TypeError("connection must be a psycopg Connection or AsyncConnection")
+        def call(raw: Raw) -> list[Job]:
+            with raw.cursor(row_factory=store.job_row, binary=True) as cur:
+                cur.execute(cast(Any, query), params)
+                return cur.fetchall()
+
+        return await Connection(connection, deadline=None).run(call)
+    raise TypeError("connection must be a psycopg Connection or AsyncConnection")
 
 
 def _default_dsn() -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .db.connection import redact
+from ._redact import redact
 from .errors import ConfigError
 
 __all__ = ["LOG_LEVELS", "SETTINGS", "Config", "Setting", "load"]
@@ -45,6 +45,14 @@ def _positive_float(text: str) -> float:
     """a number > 0 (seconds)"""
     value = float(text)
     if not value > 0 or value == float("inf"):
+        raise ValueError
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """a number >= 0 (seconds)"""
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
         raise ValueError
     return value
 
@@ -217,6 +225,29 @@ SETTINGS: tuple[Setting, ...] = (
         "runs of a job lost with their worker before it fails, when it has no max_attempts",
     ),
     Setting("timezone", "QDWORKER_TIMEZONE", _timezone, "UTC", "time zone of cron schedules"),
+    Setting(
+        "db_timeout",
+        "QDWORKER_DB_TIMEOUT",
+        _positive_float,
+        10.0,
+        "seconds after which a silent database connection counts as dead (keepalives, "
+        "tcp_user_timeout) and qdworker's own statements time out",
+    ),
+    Setting(
+        "startup_timeout",
+        "QDWORKER_STARTUP_TIMEOUT",
+        _non_negative_float,
+        10.0,
+        "seconds the supervisor waits for the database at start before it exits with an error",
+    ),
+    Setting(
+        "unknown_type_timeout",
+        "QDWORKER_UNKNOWN_TYPE_TIMEOUT",
+        _positive_float,
+        600.0,
+        "seconds a due job waits for a live worker that knows its type before it fails "
+        "with UnknownJobType",
+    ),
     Setting("ws_enabled", "QDWORKER_WS", _bool, True, "run the websocket server"),
     Setting("ws_host", "QDWORKER_WS_HOST", _text, "127.0.0.1", "websocket server address"),
     Setting(
@@ -281,6 +312,9 @@ class Config:
     shutdown_timeout: float = 30.0
     max_lost_runs: int = 3
     timezone: str = "UTC"
+    db_timeout: float = 10.0
+    startup_timeout: float = 10.0
+    unknown_type_timeout: float = 600.0
     ws_enabled: bool = True
     ws_host: str = "127.0.0.1"
     ws_port: int = DEFAULT_WS_PORT

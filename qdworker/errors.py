@@ -5,11 +5,18 @@
     QdworkerError                      every qdworker error; catch this to catch them all
     ├── ConfigError                    an environment variable or flag has an invalid value
     ├── DatabaseError                  Postgres refused or failed a statement (.sqlstate)
+    │   ├── DatabaseUnavailableError   no connection: the statement was certainly not run
+    │   ├── OutcomeUnknownError        the connection broke after the statement was sent:
+    │   │                              it may or may not have been committed
     │   └── MigrationError             the schema could not be brought up to date
+    ├── ClaimLostError                 a job's run no longer holds its claim (fencing)
     ├── EmbeddedDatabaseError          the embedded Postgres could not start or be reached
     ├── InvalidJobError (ValueError)   submit_job() input rejected before anything is written
     ├── JobTypeError                   two handlers for one job type, or a bad @job() use
     └── TokenError                     a websocket token is expired, forged or malformed (.code)
+
+psycopg's errors are translated into this tree in one place,
+:func:`qdworker.db.connect.translate`; no psycopg exception leaves qdworker's API.
 
 Errors raised inside a job handler are not wrapped: they fail that job (its ``result`` says
 ``{"error": message, "error_type": class name}``) and never reach the caller of the worker.
@@ -18,12 +25,15 @@ Errors raised inside a job handler are not wrapped: they fail that job (its ``re
 from __future__ import annotations
 
 __all__ = [
+    "ClaimLostError",
     "ConfigError",
     "DatabaseError",
+    "DatabaseUnavailableError",
     "EmbeddedDatabaseError",
     "InvalidJobError",
     "JobTypeError",
     "MigrationError",
+    "OutcomeUnknownError",
     "QdworkerError",
     "TokenError",
 ]
@@ -45,8 +55,23 @@ class DatabaseError(QdworkerError):
         self.sqlstate = sqlstate
 
 
+class DatabaseUnavailableError(DatabaseError):
+    """No usable connection: the database refused or did not answer, or the connection was
+    found broken before the statement was sent. Nothing was written; retrying is safe."""
+
+
+class OutcomeUnknownError(DatabaseError):
+    """The connection broke (or did not answer in time) after the statement was sent, so
+    whether it was committed is unknown: check before repeating a non-idempotent write."""
+
+
 class MigrationError(DatabaseError):
     """A migration failed or the recorded migrations do not match the files."""
+
+
+class ClaimLostError(QdworkerError):
+    """This run of the job no longer holds its claim (its lease was lost and the job was
+    rescued by another worker, or it finished by another path): its work must not commit."""
 
 
 class EmbeddedDatabaseError(QdworkerError):

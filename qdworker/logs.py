@@ -14,7 +14,7 @@ Levels are QuickDapp's (:data:`qdworker.config.LOG_LEVELS`): ``trace`` (5, below
 on every record that passes the handler. Job lines carry ``job_id`` / ``job_type`` given as
 ``extra=`` (e.g. from a :class:`logging.LoggerAdapter`).
 
-Passwords: code logs URLs through :func:`qdworker.db.connection.redact`; as a safety net the
+Passwords: code logs URLs through :func:`qdworker._redact.redact`; as a safety net the
 formatted line is passed through it too, so ``scheme://user:secret@`` and ``password=...``
 never reach the output. Formatting never raises: a value JSON cannot encode is logged as its
 ``repr``.
@@ -28,8 +28,8 @@ import sys
 import time
 from typing import Any, Final, TextIO
 
+from ._redact import redact
 from .config import LOG_LEVELS
-from .db.connection import redact
 
 __all__ = ["CONTEXT_FIELDS", "TRACE", "JsonFormatter", "TextFormatter", "setup", "trace"]
 

@@ -69,7 +69,7 @@ def template_url(pg_server_url: str) -> Iterator[str]:
     url = with_dbname(pg_server_url, TEMPLATE_DB)
 
     async def setup() -> None:
-        conn = await connection.connect(url)
+        conn = await connection.connect(url, "test", statement_timeout=False)
         try:
             await migrate.apply(conn)
         finally:

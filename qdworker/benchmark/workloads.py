@@ -41,6 +41,7 @@ from psycopg.conninfo import make_conninfo
 from ..client import Queue
 from ..config import Config
 from ..db import connection, embedded, migrate
+from ..db.connect import DbOptions
 from . import procs
 from .jobs import NOOP
 
@@ -175,7 +176,7 @@ class Database:
 
     async def afresh(self) -> str:
         await trio.to_thread.run_sync(self._recreate)
-        conn = await connection.connect(self.url, application_name="qdworker-bench")
+        conn = await connection.connect(self.url, "bench", DbOptions(), statement_timeout=False)
         try:
             await migrate.apply(conn)
         finally:

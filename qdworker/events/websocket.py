@@ -29,7 +29,6 @@ Resource behaviour:
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import itertools
 import json
 import logging
@@ -46,6 +45,7 @@ from trio_websocket import (
 )
 from wsproto.events import TextMessage
 
+from qdworker._net import is_loopback, normalize_host
 from qdworker.events.hub import MAX_SUBSCRIPTION_ITEMS, Hub, HubClient, Subscription
 from qdworker.events.tokens import TOKEN_MALFORMED, Identity, TokenError, verify
 
@@ -132,15 +132,6 @@ def _bearer_token(value: str) -> str | None:
     if scheme.lower() != "bearer" or not token or " " in token:
         return None
     return token
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Refused(Exception):
@@ -549,7 +540,7 @@ async def serve(
     (``OSError``) propagate before ``started`` is called.
     """
     if secret is None:
-        if not _is_loopback(host):
+        if not is_loopback(host):
             raise ValueError(
                 "a secret is required unless the websocket server binds a loopback address"
             )
@@ -571,7 +562,7 @@ async def serve(
             partial(
                 serve_websocket,
                 server.handle,
-                host,
+                normalize_host(host),
                 port,
                 None,
                 message_queue_size=INBOUND_QUEUE_MESSAGES,

@@ -11,8 +11,10 @@ Lifecycle and resources, per incarnation:
   watch. The reader outlives the process so the last frames (``worker-shutdown``, final
   ``job-events``) are read; it gets :data:`IPC_DRAIN_SECONDS` after the exit to reach EOF (a
   grandchild that inherited the socket cannot keep it open longer).
-* Each incarnation has its own worker id, ``{host}:{supervisor pid}:w{index}.{incarnation}``,
-  which the child uses as ``lease_owner``.
+* Each incarnation has its own worker id,
+  ``{host}:{supervisor pid}:{random}:w{index}.{incarnation}``, which the child uses as
+  ``lease_owner``. The random part differs in every supervisor, so a supervisor restarted in a
+  container (same host name, same pid) never takes its predecessor's id.
 * Stopping (:meth:`request_stop`, or cancellation of :meth:`run`): SIGTERM, then up to
   ``shutdown_timeout`` + ``stop_margin`` seconds, then SIGKILL to the child's process group.
   :meth:`hurry` (a second signal) sends SIGUSR1 (the child cancels its jobs at once)
@@ -20,16 +22,18 @@ Lifecycle and resources, per incarnation:
   exit (shielded, bounded by the same escalation), so no child outlives :meth:`run`.
 * A child whose heartbeats stop for ``heartbeat_timeout`` seconds while it lives (or that sends
   nothing for :data:`STARTUP_TIMEOUT_SECONDS` after spawning) is SIGKILLed and replaced.
-* Unless the child exited 0 (a clean shutdown: it released its jobs itself), its jobs' leases
-  are ended at once (``release_worker_leases``) so other workers can claim them. Failure to do
-  so is logged (warning) and harmless: the leases then expire on their own.
+* Once the child is gone, the leases it still held (none after a clean shutdown, which
+  releases them itself, except those of handlers that ignored cancellation) are ended at once
+  (``release_worker_leases``, which also wakes the other workers) so other workers can claim
+  them. Failure to do so is logged (warning) and harmless: the leases then expire on their own.
 * Restarts back off exponentially from :data:`RESTART_BACKOFF_INITIAL_SECONDS` to
   :data:`RESTART_BACKOFF_MAX_SECONDS`; the delay resets after a child lived
   :data:`HEALTHY_LIFETIME_SECONDS`. From :data:`FAST_CRASH_ALARM_COUNT` fast crashes in a row on,
   each is logged at error level.
 
 Errors: a child that cannot be spawned at all (``OSError``) counts as a crash and is retried
-with the same backoff; errors of ``on_message`` are logged and never stop the reader.
+with the same backoff; errors of ``on_message`` are logged and never stop the reader. A child
+that cannot start reports why (``worker-error``): the crash lines repeat that reason.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import signal
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,9 +54,11 @@ from typing import Any, Final
 
 import trio
 
+from .._redact import redact
 from ..config import Config
-from ..db import statements
-from ..db.connection import connect, redact
+from ..db import store
+from ..db.connect import DbOptions
+from ..db.connection import Link
 from . import ipc
 
 __all__ = [
@@ -116,24 +123,18 @@ _LIFECYCLE_KINDS: Final = frozenset(
 
 
 def worker_id_prefix() -> str:
-    """``{hostname}:{pid}``: the part of worker ids shared by this supervisor's children."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """A new ``{hostname}:{pid}:{random}``: a supervisor's id, and the part of worker ids its
+    children share. The random part makes it unique even where host names and pids repeat
+    (containers) and when one process runs several supervisors."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-async def release_leases(database_url: str, worker_id: str) -> int:
+async def release_leases(database_url: str, options: DbOptions, worker_id: str) -> int:
     """End the leases of ``worker_id``'s unfinished jobs (``release_worker_leases``) on a
     connection of its own; returns how many jobs. Raises
     :class:`~qdworker.errors.DatabaseError` if the database cannot be reached."""
-    conn = await connect(database_url, application_name="qdworker-supervisor")
-    try:
-
-        def call(raw: Any) -> int:
-            cur = raw.execute(statements.get("release_worker_leases"), {"worker_id": worker_id})
-            return int(cur.rowcount)
-
-        return await conn.run(call)
-    finally:
-        await conn.aclose()
+    async with Link(database_url, "supervisor", options, persistent=False) as link:
+        return await link.run(lambda raw: store.release_worker_leases(raw, worker_id))
 
 
 def _default_on_message(worker_id: str, msg: Mapping[str, Any]) -> None:
@@ -199,6 +200,7 @@ class Child:
         release: ReleaseLeases | None = None,
         argv: Sequence[str] = DEFAULT_WORKER_ARGV,
         id_prefix: str | None = None,
+        supervisor_id: str | None = None,
         interest: Interest | None = None,
         heartbeat_timeout: float = HEARTBEAT_TIMEOUT_SECONDS,
         startup_timeout: float = STARTUP_TIMEOUT_SECONDS,
@@ -212,9 +214,12 @@ class Child:
         self.index = index
         self._database_url = database_url
         self._on_message = on_message or _default_on_message
-        self._release = release or partial(release_leases, database_url)
+        self._release = release or partial(
+            release_leases, database_url, DbOptions(config.db_timeout)
+        )
         self._argv = tuple(argv)
         self._id_prefix = id_prefix or worker_id_prefix()
+        self._supervisor_id = supervisor_id
         self._interest = interest if interest is not None else Interest(wanted=True)
         self._heartbeat_timeout = heartbeat_timeout
         self._startup_timeout = startup_timeout
@@ -237,6 +242,7 @@ class Child:
         self._kill_at: float | None = None
         self._hurried = False
         self._message_seen = trio.Event()
+        self._last_error: str | None = None
         self._running = 0
         self._claimed = 0
         self._completed_before = 0
@@ -306,11 +312,12 @@ class Child:
             self._restarts += 1
             alarm = self._fast_crashes >= FAST_CRASH_ALARM_COUNT
             level = logging.ERROR if alarm else logging.WARNING
+            cause = self._last_error or "see the worker's log above"
             extra = (
                 f" ({self._fast_crashes} crashes in a row within {self._healthy_lifetime:g} s of"
-                " starting: check QDWORKER_JOBS and the worker's log above)"
+                f" starting: {cause})"
                 if alarm
-                else ""
+                else (f": {self._last_error}" if self._last_error else "")
             )
             logger.log(
                 level,
@@ -345,6 +352,7 @@ class Child:
             "DATABASE_URL": self._database_url,
             **ipc.ipc_env(child_sock),
             "QDWORKER_WORKER_ID": worker_id,
+            **({"QDWORKER_SUPERVISOR_ID": self._supervisor_id} if self._supervisor_id else {}),
         }
         proc: trio.Process | None = None
         try:
@@ -405,9 +413,9 @@ class Child:
             self._last_exit_code = exit_code
             if exit_code == 0:
                 logger.info("worker %s exited cleanly", worker_id)
-            elif exit_code is not None:
+            if exit_code is not None:
                 with trio.CancelScope(shield=True):
-                    await self._release_quietly(worker_id)
+                    await self._release_quietly(worker_id, clean=exit_code == 0)
         return exit_code
 
     async def _tell_interest(self, stream: trio.SocketStream) -> None:
@@ -509,11 +517,13 @@ class Child:
             self._completed = _count(msg.get("completed"))
             self._failed = _count(msg.get("failed"))
         elif kind == "worker-started":
+            self._last_error = None
             logger.info("worker %s started (pid %s)", worker_id, msg.get("pid"))
         elif kind == "worker-shutdown":
             logger.info("worker %s is shutting down", worker_id)
         elif kind == "worker-error":
-            logger.error("worker %s error: %s", worker_id, msg.get("error"))
+            self._last_error = str(msg.get("error"))[:500]
+            logger.error("worker %s cannot start: %s", worker_id, self._last_error)
         if kind in _LIFECYCLE_KINDS:
             return
         try:
@@ -521,12 +531,13 @@ class Child:
         except Exception:
             logger.exception("handling %r from worker %s failed", kind, worker_id)
 
-    async def _release_quietly(self, worker_id: str) -> None:
+    async def _release_quietly(self, worker_id: str, *, clean: bool) -> None:
         try:
             with trio.fail_after(RELEASE_TIMEOUT_SECONDS):
                 released = await self._release(worker_id)
         except Exception as exc:
-            logger.warning(
+            logger.log(
+                logging.DEBUG if clean else logging.WARNING,
                 "could not release the jobs of worker %s (%s); their leases expire on their own",
                 worker_id,
                 redact(str(exc)),

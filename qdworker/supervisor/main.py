@@ -13,10 +13,15 @@ or run it with ``python -m qdworker`` (:mod:`qdworker.cli` adds the signal handl
 Start-up order (each step's error propagates from ``nursery.start`` and undoes the earlier
 ones): websocket settings are checked (:class:`~qdworker.errors.ConfigError`); the database is
 resolved (``DATABASE_URL``, or the embedded Postgres in ``data_dir``, started in a thread and
-stopped on exit if this process started it); migrations are applied (unless ``migrate`` is
-false); built-in cron jobs are ensured; the relay to other supervisors starts, and the
-websocket server (if ``ws_enabled``); ``worker_count`` children start; then
+stopped on exit if this process started it) and waited for, at most ``startup_timeout``
+seconds (:class:`~qdworker.errors.DatabaseUnavailableError` naming the cause; at once for a
+wrong password or a missing database); migrations are applied (unless ``migrate`` is false);
+built-in cron jobs are ensured; the relay to other supervisors, the maintenance round and the
+websocket server (if ``ws_enabled``) start; ``worker_count`` children start; then
 ``task_status.started(manager)``.
+
+Once running, the supervisor and its workers ride out database outages: they reconnect on
+their own, and the outage is logged once when it starts and once when it ends.
 
 Shutdown: :meth:`Manager.shutdown` (or :meth:`Manager.request_shutdown`) sends every child
 SIGTERM and waits for them (each gets ``shutdown_timeout`` + a margin before SIGKILL);
@@ -29,9 +34,7 @@ before it returns.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -39,10 +42,13 @@ from typing import Any, Final
 
 import trio
 
+from .._net import is_loopback
+from .._redact import redact
 from ..client import Queue
 from ..config import Config
 from ..db import embedded, migrate
-from ..db.connection import Connection, connect, redact
+from ..db.connect import DbOptions
+from ..db.connection import Connection, connect, wait_until_reachable
 from ..errors import ConfigError, EmbeddedDatabaseError
 from ..events import websocket
 from ..events.hub import Hub, HubStatistics
@@ -51,6 +57,7 @@ from ..jobs import builtin
 from ..model import Job
 from . import children as children_module
 from .children import Child, ChildStatistics, Interest, MessageHandler
+from .maintenance import run_maintenance
 
 __all__ = [
     "HEALTH_LOG_INTERVAL_SECONDS",
@@ -118,7 +125,7 @@ class Manager:
         connection of its own, opened on first use and closed when the supervisor stops."""
         async with self._queue_lock:
             if self._queue is None:
-                self._queue = await Queue(self.url).open()
+                self._queue = await Queue(self.url, db_timeout=self.config.db_timeout).open()
         return await self._queue.submit_job(**fields)
 
     def get_worker_count(self) -> int:
@@ -163,19 +170,10 @@ class Manager:
             await queue.aclose()
 
 
-def _is_loopback(host: str) -> bool:
-    if host.strip().lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def check_ws_settings(config: Config) -> None:
     """Refuse a websocket server without a secret on a non-loopback address
     (:class:`ConfigError`): without ``QDWORKER_WS_SECRET`` every client is an admin."""
-    if config.ws_enabled and config.ws_secret is None and not _is_loopback(config.ws_host):
+    if config.ws_enabled and config.ws_secret is None and not is_loopback(config.ws_host):
         raise ConfigError(
             f"QDWORKER_WS_HOST={config.ws_host!r} is not a loopback address: set "
             "QDWORKER_WS_SECRET (without it every websocket client is an admin), or bind "
@@ -284,8 +282,10 @@ async def _serve(
     stopped: trio.Event,
     task_status: trio.TaskStatus[Manager],
 ) -> None:
+    options = DbOptions(config.db_timeout)
     async with embedded_database(config) as url:
-        conn = await connect(url, application_name="qdworker-supervisor")
+        await wait_until_reachable(url, options, config.startup_timeout)
+        conn = await connect(url, "supervisor", options, statement_timeout=False)
         try:
             if config.migrate:
                 applied = await migrate.apply(conn)
@@ -300,7 +300,8 @@ async def _serve(
         # The hub and relay run even without a websocket server here: other supervisors'
         # clients may want this one's events.
         hub = Hub()
-        relay = Relay(url, hub, f"{children_module.worker_id_prefix()}:{uuid.uuid4().hex[:8]}")
+        supervisor_id = children_module.worker_id_prefix()
+        relay = Relay(url, hub, supervisor_id, options=options)
         route = _router(hub, relay, on_message)
         interest = Interest()
 
@@ -309,7 +310,6 @@ async def _serve(
 
         hub.on_clients_changed = relay.on_peers_changed = refresh_interest
         argv = children_module.DEFAULT_WORKER_ARGV if worker_argv is None else tuple(worker_argv)
-        prefix = children_module.worker_id_prefix()
         workers = [
             Child(
                 config,
@@ -317,7 +317,8 @@ async def _serve(
                 database_url=url,
                 on_message=route,
                 argv=argv,
-                id_prefix=prefix,
+                id_prefix=supervisor_id,
+                supervisor_id=supervisor_id,
                 interest=interest,
             )
             for i in range(config.worker_count)
@@ -326,6 +327,14 @@ async def _serve(
         try:
             async with trio.open_nursery() as services:
                 await services.start(relay.run)
+                await services.start(
+                    partial(
+                        run_maintenance,
+                        url,
+                        options,
+                        unknown_type_timeout=config.unknown_type_timeout,
+                    )
+                )
                 if config.ws_enabled:
                     manager.ws_port = await services.start(_websocket_service(config, hub))
                 async with trio.open_nursery() as nursery:

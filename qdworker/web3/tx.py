@@ -21,6 +21,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from ..db import statements
+from ..db.connect import DbOptions
 from ..db.connection import Connection, connect
 from ..worker.context import MAX_MESSAGE_BYTES
 from ._aio import trio_as_aio
@@ -37,7 +38,7 @@ def _aio(fn: Any) -> Any:
 async def open_range_connection(url: str) -> Connection:
     """A new non-autocommit connection (asyncio coroutine). The caller closes it."""
     conn: Connection = await _aio(connect)(
-        url, autocommit=False, application_name="qdworker-watchChain"
+        url, "watchChain", DbOptions(), autocommit=False, statement_timeout=False
     )
     return conn
 

@@ -1,151 +1,177 @@
-"""Claim due jobs in batches sized to free capacity, and sleep until there may be more.
+"""Claim due jobs in batches sized to the worker's room, and sleep until there may be more.
 
-Each claim takes up to ``free`` due rows in due order with ``FOR UPDATE SKIP LOCKED`` (two
-workers never get the same row) and leases them. When it gets fewer than it asked for, the
-queue is drained for now, and the same thread hop asks when the next pending job is due (or a
-foreign lease expires); the claimer then sleeps until a NOTIFY, that moment, or the poll
-interval, whichever comes first. So a job due in 2 s starts on time, and a lost notification
-delays a job by at most the poll interval.
+Each claim takes up to :meth:`~.flow.Flow.room` due rows of the job types this worker runs,
+in due order, with ``FOR UPDATE SKIP LOCKED`` (two workers never get the same row), and leases
+them. When it gets fewer than it asked for, the queue is drained for now, and the claimer asks
+when the next pending job is due (or a foreign lease expires); it then sleeps until a NOTIFY,
+that moment, or the poll interval, whichever comes first.
+
+Faults. The claim connection is a :class:`~qdworker.db.connection.Link`: while the database is
+away the claimer waits for it (the outage is logged once), and after every reconnect it asks
+the server when it started serving (:func:`~qdworker.db.store.serving_seconds`): for one
+lease after a restart or failover it rescues no expired lease, so the workers that lived
+through the outage renew their runs instead of seeing them run twice. A claim cut off by a
+broken connection may have committed: the claimer then gives back every row leased to it that
+it does not hold (``release_orphans``) before claiming again, so those jobs never wait for a
+lease to expire and never count as lost runs. The claim statement itself is never cancelled
+half-way: at shutdown the claimer stops between claims.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Final
 
-import psycopg
 import trio
-from psycopg.rows import tuple_row
 
-from ..db import statements
-from ..db.connection import Connection, connect, is_transient
-from ..model import Job
-from .wakeup import Wakeup
+from ..db import store
+from ..db.connect import DbOptions
+from ..db.connection import Connection, Link
+from ..errors import DatabaseError, DatabaseUnavailableError, OutcomeUnknownError
+from .flow import Flow
+from .run import Run
 
-__all__ = ["Claimer", "ClaimerStatistics"]
+__all__ = ["VALID_FRACTION", "Claimer"]
 
 logger = logging.getLogger(__name__)
 
-RETRY_MIN_SECONDS = 0.1
-RETRY_MAX_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class ClaimerStatistics:
-    claims: int
-    claimed: int
-    lost_reclaimed: int
-    next_due_in: float | None
-
-
-@dataclass(frozen=True)
-class Claimed:
-    job: Job
-    lost: bool  # the previous run of this row was lost with its worker
+#: Pause after a claim the database refused for another reason than a lost connection.
+ERROR_PAUSE_SECONDS: Final = 1.0
+#: A claim or renewal lets the worker act on a job for this part of a lease (measured from
+#: when the statement was sent): the rest is margin for clock rates and delays, so the worker
+#: stops before any other worker may rescue the job.
+VALID_FRACTION: Final = 0.9
 
 
 class Claimer:
-    """Owns the claim connection. ``free()`` says how many jobs may be taken now;
-    ``spawn(claimed)`` starts one; ``wake`` is set by NOTIFY, freed slots and shutdown."""
+    """Owns the claim connection; feeds :class:`~.flow.Flow`. ``stopping`` ends it between
+    claims; ``flow.wake`` wakes it."""
 
     def __init__(
         self,
         url: str,
+        options: DbOptions,
+        flow: Flow,
+        *,
         owner: str,
+        types: Sequence[str],
         lease_seconds: float,
-        poll_interval: float,
-        wake: Wakeup,
-        free: Callable[[], int],
-        spawn: Callable[[Claimed], None],
+        poll_seconds: float,
         stopping: trio.Event,
     ) -> None:
-        self._url = url
+        self._flow = flow
         self._owner = owner
+        self._types = tuple(types)
         self._lease = lease_seconds
-        self._poll = poll_interval
-        self._wake = wake
-        self._free = free
-        self._spawn = spawn
+        self._poll = poll_seconds
         self._stopping = stopping
-        self._conn: Connection | None = None
-        self.clock_offset = 0.0  # database clock minus local clock, seconds
-        #: The last claim was full: more jobs may be due, so a freed slot should claim again.
-        self.backlog = False
-        #: Woken (NOTIFY or timer) while there was no room: claim as soon as a slot frees.
-        self.wanted = False
-        self._claims = self._claimed = self._lost = 0
-        self._next_due_in: float | None = None
+        self._link = Link(url, "claim", options, on_connect=self._connected)
+        self._rescue_after = 0.0  # monotonic time from which expired leases may be rescued
+        self._orphans = False  # a claim's outcome is unknown: rows may be leased to us
+        self.clock_offset = 0.0  # database clock - local clock, seconds
+        self.backlog = False  # the last claim got all it asked for: probably more to come
+        self.claims = 0
+        self.claimed = 0
 
-    def statistics(self) -> ClaimerStatistics:
-        return ClaimerStatistics(self._claims, self._claimed, self._lost, self._next_due_in)
+    async def _connected(self, conn: Connection) -> None:
+        sent = time.monotonic()
+        serving = await conn.run(store.serving_seconds)
+        if serving is None:
+            return
+        grace = self._lease - serving
+        self._rescue_after = sent + max(0.0, grace)
+        if grace > 0 and self._link.connects > 0:  # a reconnect, not the first connection
+            logger.info(
+                "the database started serving %.1f s ago: runs whose lease expired are "
+                "rescued only after %.1f s more (their workers may still renew them)",
+                serving,
+                grace,
+            )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Claim until ``stopping`` is set. Database errors are logged and retried."""
-        self._conn = await connect(self._url, application_name="qdworker-claim")
-        await self._next_wakeup()  # the database clock's offset, before any cron arithmetic
+        """Claim until ``stopping`` is set (then return between two claims) or cancelled."""
         task_status.started()
-        delay = RETRY_MIN_SECONDS
-        try:
+        async with self._link:
             while not self._stopping.is_set():
-                free = self._free()
-                if free <= 0:
-                    # Bounded, so a due job or expired lease is looked for at least every poll.
-                    await self._wake.wait_until(trio.current_time() + self._poll)
-                    self.wanted = True
+                room = self._flow.room()
+                if room <= 0:
+                    # Bounded, so a due job or an expired lease is looked for every poll.
+                    self._flow.want_room = True
+                    await self._flow.wake.wait_until(trio.current_time() + self._poll)
                     continue
-                try:
-                    claimed = await self._claim(free)
-                    for job in claimed:
-                        self._spawn(job)
-                    # Drained for now: find out how long to sleep (after the claimed jobs
-                    # started, so they do not wait for this round trip).
-                    wait = None if self.backlog else await self._next_wakeup()
-                    delay = RETRY_MIN_SECONDS
-                except Exception as exc:
-                    if not is_transient(exc):
-                        logger.exception("claiming failed")
-                    else:
-                        logger.warning("claiming failed (%s); retrying", exc)
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, RETRY_MAX_SECONDS)
-                    if self._conn.closed:
-                        self._conn = await connect(self._url, application_name="qdworker-claim")
-                    continue
+                wait = await self._round(room)
                 if wait is not None:
-                    await self._wake.wait_until(trio.current_time() + wait)
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._conn.aclose()
+                    await self._flow.wake.wait_until(trio.current_time() + wait)
 
-    async def _claim(self, limit: int) -> list[Claimed]:
-        """Claim up to ``limit`` jobs; sets :attr:`backlog` if it got all it asked for."""
-        assert self._conn is not None
-        params = {"limit": limit, "owner": self._owner, "lease_seconds": self._lease}
+    async def _round(self, room: int) -> float | None:
+        """One claim (and, when drained, the next wake-up); returns how long to sleep, or
+        None to claim again at once."""
+        conn = await self._link.connection()  # cancellable: no statement is running
+        wait: float | None = None
+        try:
+            with trio.CancelScope(shield=True):  # bounded by the connection's deadline
+                if self._orphans:
+                    await self._release_orphans(conn)
+                claimed = await self._claim(conn, room)
+                for run in claimed:
+                    self._flow.add(run)
+                if not (self.backlog or self._stopping.is_set()):
+                    wait = await self._next_wakeup(conn)
+        except (DatabaseUnavailableError, OutcomeUnknownError) as exc:
+            self._link.discard(conn, exc)
+            self._orphans = self._orphans or isinstance(exc, OutcomeUnknownError)
+            return None
+        except DatabaseError as exc:
+            logger.error("claiming failed: %s", exc)  # noqa: TRY400 (one line, the cause)
+            return ERROR_PAUSE_SECONDS
+        return wait
 
-        def claim(conn: psycopg.Connection[dict[str, Any]]) -> list[Claimed]:
-            # Rows become Jobs here, in the claim's thread, straight from binary tuples.
-            with conn.cursor(row_factory=tuple_row, binary=True) as cur:
-                cur.execute(statements.get("claim"), params)
-                return [Claimed(Job(*row[:-1]), row[-1]) for row in cur]
+    async def _release_orphans(self, conn: Connection) -> None:
+        held = list(self._flow.held)
+        released = await conn.run(
+            lambda raw: store.release_orphans(raw, owner=self._owner, held=held)
+        )
+        self._orphans = False
+        if released:
+            logger.info(
+                "gave back %d job(s) claimed by a statement whose answer was lost", released
+            )
 
-        self.wanted = False
-        claimed = await self._conn.run(claim)
+    async def _claim(self, conn: Connection, limit: int) -> list[Run]:
+        rescue = time.monotonic() >= self._rescue_after
+        sent = time.monotonic()
+        self._flow.want_room = False
+        claimed = await conn.run(
+            lambda raw: store.claim(
+                raw,
+                limit=limit,
+                owner=self._owner,
+                lease_seconds=self._lease,
+                types=self._types,
+                rescue=rescue,
+            )
+        )
         self.backlog = len(claimed) >= limit
-        self._claims += 1
-        self._claimed += len(claimed)
-        self._lost += sum(c.lost for c in claimed)
-        return claimed
+        self._flow.want_room = self.backlog
+        self.claims += 1
+        self.claimed += len(claimed)
+        valid_until = sent + self._lease * VALID_FRACTION
+        return [Run(c.job, c.lost, valid_until) for c in claimed]
 
-    async def _next_wakeup(self) -> float:
-        """Seconds to sleep before looking again: until the next due job or foreign lease
-        expiry, at most the poll interval. Also measures the database clock's offset."""
-        assert self._conn is not None
+    async def _next_wakeup(self, conn: Connection) -> float:
+        """Seconds to sleep: until the next due job or foreign lease expiry (not before
+        rescuing is allowed again), at most the poll interval. Also measures the database
+        clock's offset."""
         before = time.time()
-        [row] = await self._conn.execute(statements.get("next_wakeup"), {"owner": self._owner})
-        self.clock_offset = float(row["db_epoch"]) - (before + time.time()) / 2
-        seconds = row["seconds"]
-        self._next_due_in = None if seconds is None else max(0.0, float(seconds))
-        return self._poll if self._next_due_in is None else min(self._poll, self._next_due_in)
+        seconds, db_epoch = await conn.run(
+            lambda raw: store.next_wakeup(raw, owner=self._owner, types=self._types)
+        )
+        self.clock_offset = db_epoch - (before + time.time()) / 2
+        wait = self._poll if seconds is None else min(self._poll, max(0.0, seconds))
+        rescue_in = self._rescue_after - time.monotonic()
+        return min(wait, rescue_in) if rescue_in > 0 else wait
+
+    def statistics(self) -> dict[str, Any]:
+        return {"claims": self.claims, "claimed": self.claimed}

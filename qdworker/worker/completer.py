@@ -3,17 +3,23 @@
 Outcomes queue up while a batch is being written, so the batch size follows the load: one
 job alone is written at once, thousands per second share a few statements. Each batch is one
 statement (``finish``, one round trip, atomic) on the completer's own connection: it finishes
-rows fenced by ``claims`` (a run whose lease was lost is rejected and counted), inserts the
-successors of the rows it finished, and gives back released runs.
+rows fenced by ``claims`` (a run whose claim was lost is rejected and logged), inserts the
+successors of the rows it finished, stores the results of runs a handler's transaction
+already finished, and gives back released runs.
 
 Retry rule (QuickDapp, fixed): a failure with ``auto_reschedule_on_failure`` gets a new row
-after ``auto_reschedule_on_failure_delay`` ms (or exponential backoff), copying every user
-field including ``persistent``, until ``max_attempts``; a cron job always gets its next tick (a
-failure is retried first if the retry comes before the tick). A cancelled job gets no
-successor.
+after ``auto_reschedule_on_failure_delay`` ms (or exponential backoff; never below the floor of
+:mod:`qdworker.schedule.backoff`), copying every user field including ``persistent``, until
+``max_attempts``; a cron job always gets its next tick (a failure is retried first if the
+retry comes before the tick). A cancelled job gets no successor.
 
-A batch that fails with a transient database error is retried on a new connection; the rows
-stay leased (and renewed) meanwhile, so nothing is lost.
+Faults. While the database is away the completer waits for it (its connection is a
+:class:`~qdworker.db.connection.Link`) and outcomes queue up in memory, bounded by what the
+worker holds (the claimer stops at :data:`~.flow.MAX_UNWRITTEN`). A batch cut off by a broken
+connection is written again: the fence makes that safe, and rows the first attempt did finish
+count as written (``finish`` reports them). A value Postgres refuses (a NUL character, a date
+out of range …) fails only its own job: the batch is split until the offending outcome is
+alone, which is then stored as a plain failure saying why.
 """
 
 from __future__ import annotations
@@ -21,37 +27,28 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 import trio
 
-from ..db import statements
-from ..db.connection import Connection, connect, is_transient
+from ..db import store
+from ..db.connect import Backoff, DbOptions, is_transient
+from ..db.connection import Link
+from ..errors import DatabaseError
 from ..schedule import backoff, cron
+from .flow import Flow
 from .outbox import Outbox
-from .outcome import Outcome, job_event
-from .runner import error_result
+from .run import Outcome, Run, error_result, job_event
 
-__all__ = ["Completer", "CompleterStatistics"]
+__all__ = ["Completer"]
 
 logger = logging.getLogger(__name__)
 
-#: Most outcomes written in one transaction.
-MAX_BATCH = 1000
-RETRY_MIN_SECONDS = 0.05
-RETRY_MAX_SECONDS = 5.0
-
-
-@dataclass(frozen=True)
-class CompleterStatistics:
-    written: int
-    rejected: int  # stale runs refused by the fence
-    released: int
-    successors: int
-    batches: int
-    pending: int
+#: Most outcomes written in one statement.
+MAX_BATCH: Final = 1000
 
 
 def _unstorable(exc: Exception) -> dict[str, str]:
@@ -60,131 +57,106 @@ def _unstorable(exc: Exception) -> dict[str, str]:
     return error_result(message, "UnstorableOutcome")
 
 
-def _int_array(values: Iterable[int]) -> str:
-    """A Postgres array literal: far cheaper to build than psycopg's list adaptation."""
-    return "{" + ",".join(map(str, values)) + "}"
-
-
 @dataclass(frozen=True)
 class _Successor:
     from_id: int
     due: datetime | None
     delay_ms: float | None
     attempt: int
-    kind: str  # "retry" | "cron"
+
+
+def _job_extra(run: Run) -> dict[str, Any]:
+    return {"job_id": run.job.id, "job_type": run.job.type}
 
 
 class Completer:
-    """Owns its connection. ``submit()`` never blocks; ``on_done(outcome)`` is called (trio
-    thread) after an outcome is durably written or rejected, to free its slot."""
+    """Owns its connection; writes the outcomes of the :class:`~.flow.Flow`'s finished runs.
+    A run leaves the flow (:meth:`~.flow.Flow.written`) once its outcome is written, rejected
+    or discarded."""
 
     def __init__(
         self,
         url: str,
+        options: DbOptions,
+        flow: Flow,
         outbox: Outbox,
+        *,
         timezone: str,
         clock_offset: Callable[[], float],
-        on_done: Callable[[Outcome], None],
     ) -> None:
-        self._url = url
+        self._link = Link(url, "complete", options)
+        self._flow = flow
         self._outbox = outbox
         self._timezone = timezone
         self._clock_offset = clock_offset
-        self._on_done = on_done
-        self._pending: list[Outcome] = []
-        self._wake = trio.Event()
-        self._idle = trio.Event()
-        self._idle.set()
-        self._conn: Connection | None = None
-        self._written = self._rejected = self._released = self._successors = self._batches = 0
-
-    def submit(self, outcome: Outcome) -> None:
-        self._pending.append(outcome)
-        self._idle = trio.Event() if self._idle.is_set() else self._idle
-        self._wake.set()
-
-    def statistics(self) -> CompleterStatistics:
-        return CompleterStatistics(
-            self._written,
-            self._rejected,
-            self._released,
-            self._successors,
-            self._batches,
-            len(self._pending),
-        )
-
-    async def wait_idle(self) -> None:
-        """Return once every submitted outcome has been written."""
-        await self._idle.wait()
+        self.written = self.rejected = self.batches = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._conn = await connect(self._url, application_name="qdworker-complete")
+        """Write outcomes until cancelled."""
         task_status.started()
-        try:
+        async with self._link:
             while True:
-                await self._wake.wait()
-                self._wake = trio.Event()
-                while self._pending:
-                    batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                    await self._write_with_retry(batch)
-                self._idle.set()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._conn.aclose()
+                await self._write_batch(await self._flow.take(MAX_BATCH))
 
-    async def _write_with_retry(self, batch: list[Outcome]) -> None:
-        """Write ``batch``; retry transient failures (reconnecting) until it is written.
+    async def _write_batch(self, batch: list[Run]) -> None:
+        to_write: list[Run] = []
+        for run in batch:
+            assert run.outcome is not None
+            if run.outcome.ending == "discard":
+                logger.warning(
+                    "job %d (%s): run stopped: %s; its outcome is discarded",
+                    run.job.id,
+                    run.job.type,
+                    run.reason or "its claim was lost",
+                    extra=_job_extra(run),
+                )
+                self._flow.written(run)
+            else:
+                to_write.append(run)
+        if to_write:
+            await self._write_with_retry(to_write)
 
-        A failure that is not transient means Postgres refuses a value in the batch (a result
-        with a NUL character, a retry delay out of range …): the batch is split until the
-        offending outcome is alone, which is then stored as a plain failure saying why, so
-        one bad result never blocks the others.
-        """
-        delay = RETRY_MIN_SECONDS
+    async def _write_with_retry(self, batch: list[Run]) -> None:
+        """Write ``batch``, waiting out outages; split it if Postgres refuses a value."""
+        pause = Backoff()
         while True:
             try:
                 await self._write(batch)
                 return
-            except Exception as exc:
-                if not is_transient(exc) and not (self._conn is None or self._conn.closed):
+            except DatabaseError as exc:
+                if not is_transient(exc):
                     await self._write_refused(batch, exc)
                     return
-                logger.warning("writing job outcomes failed (%s); retrying", exc)
-            await trio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
-            if self._conn is None or self._conn.closed:
-                try:
-                    self._conn = await connect(self._url, application_name="qdworker-complete")
-                except Exception as exc:
-                    logger.warning("reconnect failed: %s", exc)
+                logger.debug("writing job outcomes failed (%s); retrying", exc)
+            await trio.sleep(pause.next())
 
-    async def _write_refused(self, batch: list[Outcome], exc: Exception) -> None:
+    async def _write_refused(self, batch: list[Run], exc: DatabaseError) -> None:
         if len(batch) > 1:
             middle = len(batch) // 2
             await self._write_with_retry(batch[:middle])
             await self._write_with_retry(batch[middle:])
             return
-        [outcome] = batch
-        job = outcome.job
-        if outcome.result == _unstorable(exc) or outcome.ending == "release":
+        [run] = batch
+        assert run.outcome is not None
+        if run.outcome.result == _unstorable(exc) or run.outcome.ending == "release":
             # Even the plain failure was refused: leave the row to its lease (it is rescued).
             logger.error("job %d (%s): its outcome cannot be stored (%s); leaving it to its "
-                         "lease", job.id, job.type, exc,
-                         extra={"job_id": job.id, "job_type": job.type})  # fmt: skip
-            self._on_done(outcome)
+                         "lease", run.job.id, run.job.type, exc, extra=_job_extra(run))  # fmt: skip
+            self._flow.written(run)
             return
-        logger.error("job %d (%s): its outcome was refused by the database (%s); storing it "
-                     "as a failure", job.id, job.type, exc,
-                     extra={"job_id": job.id, "job_type": job.type})  # fmt: skip
-        await self._write_with_retry([Outcome(job, "failed", _unstorable(exc), retry=False)])
+        logger.error("job %d (%s): its outcome was refused by the database (%s); storing "
+                     "it as a failure", run.job.id, run.job.type, exc,
+                     extra=_job_extra(run))  # fmt: skip
+        run.outcome = Outcome("failed", _unstorable(exc), retry=False)
+        await self._write_with_retry([run])
 
     def _db_now(self) -> datetime:
         return datetime.fromtimestamp(time.time() + self._clock_offset(), UTC)
 
-    def _successor(self, outcome: Outcome, now: datetime) -> _Successor | None:
-        job = outcome.job
-        if outcome.ending == "cancelled":
-            return None
+    def _successor(self, run: Run, outcome: Outcome, now: datetime) -> _Successor | None:
+        job = run.job
+        if outcome.ending == "cancelled" or outcome.committed:
+            return None  # a committed transaction inserted the successor itself
         tick: datetime | None = None
         if job.cron_schedule:
             try:
@@ -201,17 +173,17 @@ class Completer:
                 job.backoff, job.auto_reschedule_on_failure_delay, job.attempt
             )
             if tick is None or now + timedelta(milliseconds=delay) < tick:
-                return _Successor(job.id, None, float(delay), job.attempt + 1, "retry")
+                return _Successor(job.id, None, float(delay), job.attempt + 1)
         if tick is not None:
-            return _Successor(job.id, tick, None, 1, "cron")
+            return _Successor(job.id, tick, None, 1)
         return None
 
-    def _final_result(self, outcome: Outcome) -> str:
+    def _final_result(self, outcome: Outcome, run: Run) -> str:
         """The result column's JSON text; a failure with no retries left says so."""
-        job = outcome.job
-        result = outcome.result
+        job = run.job
         if outcome.encoded is not None:
             return outcome.encoded
+        result = outcome.result
         if (
             not outcome.success
             and outcome.ending != "cancelled"
@@ -225,65 +197,72 @@ class Completer:
             }
         return json.dumps(result)
 
-    async def _write(self, batch: list[Outcome]) -> None:
-        assert self._conn is not None
-        finishing = [o for o in batch if o.ending != "release"]
-        releasing = [o for o in batch if o.ending == "release"]
+    def finish_params(
+        self, finishing: list[tuple[Run, Outcome]], releasing: list[Run]
+    ) -> dict[str, Any]:
+        """The ``finish`` statement's parameters: ``finishing`` runs with their outcomes,
+        ``releasing`` runs to give back."""
         now = self._db_now()
-        successors = [s for o in finishing if (s := self._successor(o, now)) is not None]
-        rows = await self._conn.execute(
-            statements.get("finish"),
-            {
-                "ids": _int_array(o.job.id for o in finishing),
-                "claims": _int_array(o.job.claims for o in finishing),
-                "success": "{" + ",".join("t" if o.success else "f" for o in finishing) + "}",
-                "results": "[" + ",".join(self._final_result(o) for o in finishing) + "]",
-                "successors": json.dumps(
-                    [
-                        {
-                            "from_id": s.from_id,
-                            "due": s.due.isoformat() if s.due else None,
-                            "delay_ms": s.delay_ms,
-                            "attempt": s.attempt,
-                        }
-                        for s in successors
-                    ]
-                ),
-                "release_ids": _int_array(o.job.id for o in releasing),
-                "release_claims": _int_array(o.job.claims for o in releasing),
-            },
-        )
-        [row] = rows
-        accepted: dict[int, datetime] = dict(
-            zip(row["done_ids"] or (), row["done_finished"] or (), strict=True)
-        )
-        successor_of: dict[int, int] = dict(
-            zip(row["successor_of"] or (), row["successor_ids"] or (), strict=True)
-        )
-        self._released += int(row["released"])
-        self._batches += 1
-        self._written += len(accepted)
-        self._rejected += len(finishing) - len(accepted)
-        self._successors += len(successor_of)
+        successors = [s for run, o in finishing if (s := self._successor(run, o, now)) is not None]
+        return {
+            "ids": store.int_array(run.job.id for run, _ in finishing),
+            "claims": store.int_array(run.job.claims for run, _ in finishing),
+            "success": "{" + ",".join("t" if o.success else "f" for _, o in finishing) + "}",
+            "committed": "{" + ",".join("t" if o.committed else "f" for _, o in finishing) + "}",
+            "results": "[" + ",".join(self._final_result(o, run) for run, o in finishing) + "]",
+            "successors": json.dumps(
+                [
+                    {
+                        "from_id": s.from_id,
+                        "due": s.due.isoformat() if s.due else None,
+                        "delay_ms": s.delay_ms,
+                        "attempt": s.attempt,
+                    }
+                    for s in successors
+                ]
+            ),
+            "release_ids": store.int_array(run.job.id for run in releasing),
+            "release_claims": store.int_array(run.job.claims for run in releasing),
+        }
+
+    def transaction_params(self, run: Run, outcome: Outcome) -> dict[str, Any]:
+        """``finish`` parameters for a handler's transaction that finishes its own job."""
+        return self.finish_params([(run, outcome)], [])
+
+    async def _write(self, batch: list[Run]) -> None:
+        finishing = [
+            (run, run.outcome)
+            for run in batch
+            if run.outcome is not None and run.outcome.ending != "release"
+        ]
+        releasing = [run for run in batch if run.outcome and run.outcome.ending == "release"]
+        params = self.finish_params(finishing, releasing)
+        result = await self._link.run(lambda raw: store.finish(raw, params), idempotent=True)
+        self.batches += 1
         events = self._outbox.events_wanted
-        for outcome in batch:
-            job = outcome.job
+        for run in batch:
+            outcome = run.outcome
+            assert outcome is not None
             if outcome.ending != "release":
-                finished = accepted.get(job.id)
+                finished = result.finished.get(run.job.id)
                 if finished is None:
+                    self.rejected += 1
                     logger.warning(
-                        "job %d (%s): result rejected: the run lost its lease and the job was rescued",  # noqa: E501
-                        job.id,
-                        job.type,
-                        extra={"job_id": job.id, "job_type": job.type},
+                        "job %d (%s): result discarded: this run no longer holds its claim "
+                        "(its lease expired and the job was rescued)",
+                        run.job.id,
+                        run.job.type,
+                        extra=_job_extra(run),
                     )
-                elif events:
-                    self._outbox.event(job_event(outcome.ending, job, finished=finished))
-                    successor_id = successor_of.get(job.id)
-                    if successor_id is not None:
-                        self._outbox.event(
-                            job_event(
-                                "rescheduled", job, finished=finished, successor_id=successor_id
-                            )
-                        )
-            self._on_done(outcome)
+                else:
+                    self.written += 1
+                    if events:
+                        self._event(run, outcome, finished, result.successors.get(run.job.id))
+            self._flow.written(run)
+
+    def _event(self, run: Run, outcome: Outcome, finished: datetime, successor: int | None) -> None:
+        self._outbox.event(job_event(outcome.ending, run.job, finished=finished))
+        if successor is not None:
+            self._outbox.event(
+                job_event("rescheduled", run.job, finished=finished, successor_id=successor)
+            )

@@ -1,11 +1,20 @@
-"""Run one job: find its handler, give it a context, enforce timeout and cancellation.
+"""Run jobs: find each one's handler, give it a context, enforce timeout and cancellation.
+
+:class:`Runner` takes ready runs from the :class:`~.flow.Flow` as slots free up, runs each in a
+task of its own and hands the run (now with its :class:`~.run.Outcome`) to the completer.
 
 A handler's return value is the job's ``result`` (JSON, at most :data:`MAX_RESULT_BYTES`).
-Whatever goes wrong becomes a failed :class:`~.outcome.Outcome` with
-``{"error": message, "error_type": class name}``; nothing a handler does (raise, return
-garbage, run too long) escapes into the worker. Cancellation has three sources, told apart:
-the job's timeout (``timed_out``), ``qdworker_cancel_job`` (``cancelled``) and worker shutdown
-(``release``: the job goes back to pending).
+Whatever goes wrong becomes a failed outcome with ``{"error": message, "error_type": class
+name}``; nothing a handler does (raise, return garbage, run too long) escapes into the worker.
+Cancellation has several sources, told apart by :attr:`~.run.Run.stop`: the job's timeout
+(``timed_out``), ``qdworker_cancel_job`` (``cancelled``), worker shutdown or a lease that could
+not be renewed (``release``: the job goes back to pending), a claim known lost (``discard``).
+A handler that raises while it is being released or discarded is released or discarded all
+the same: the exception is the cancellation's echo, not the job's failure.
+
+A plain-``def`` handler runs in a thread that cannot be interrupted: if it is still running
+:data:`THREAD_GRACE_SECONDS` after its run was cancelled, :attr:`Runner.stuck` is set and the
+worker replaces its process (the only way to stop that thread).
 """
 
 from __future__ import annotations
@@ -15,68 +24,30 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final
 
 import trio
 
 from .. import registry
-from ..db.connection import redact
-from ..model import Job
+from ..errors import ClaimLostError
 from ..schedule import cron
 from .context import AsyncioJobContext, JobContext
-from .outcome import Outcome
+from .flow import Flow
+from .outbox import Outbox
+from .run import Outcome, Run, error_result, job_event
 
-__all__ = ["MAX_ERROR_CHARS", "MAX_RESULT_BYTES", "Run", "error_result", "run_job"]
+__all__ = ["MAX_RESULT_BYTES", "Runner", "execute"]
 
-logger = logging.getLogger("qdworker.job")
+logger = logging.getLogger(__name__)
 
 #: Largest result stored, as JSON; a larger one fails the job instead of bloating the table.
-MAX_RESULT_BYTES = 1024 * 1024
-#: Longest error message stored.
-MAX_ERROR_CHARS = 2000
-
-
-@dataclass(eq=False)
-class Run:
-    """A claimed job while it runs; the worker keeps them by job id."""
-
-    job: Job
-    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    deadline: float | None = None  # time.monotonic(), read by the lease keeper's thread
-    cancel_reason: str | None = None
-    releasing: bool = False
-    abandoned: bool = False  # given back at shutdown while its handler ignored cancellation
-    thread: threading.Thread | None = None  # a plain-def handler's thread
-    thread_done: threading.Event | None = None
-
-    def cancel(self, reason: str) -> None:
-        if self.cancel_reason is None and not self.releasing:
-            self.cancel_reason = reason
-        self.scope.cancel()
-
-    def release(self) -> None:
-        if self.cancel_reason is None:
-            self.releasing = True
-        self.scope.cancel()
-
+MAX_RESULT_BYTES: Final = 1024 * 1024
+#: How long a cancelled plain-def handler's thread may go on before the process is replaced.
+THREAD_GRACE_SECONDS: Final = 3.0
 
 #: A NUL character as json.dumps writes it (an escaped backslash before "u0000" is not one).
 _JSON_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
-
-
-def _storable_text(text: str) -> str:
-    """``text`` without what Postgres cannot store in jsonb: NUL characters, lone surrogates."""
-    if "\x00" in text:
-        text = text.replace("\x00", "\\x00")
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def error_result(message: str, error_type: str) -> dict[str, str]:
-    text = _storable_text(redact(message))
-    if len(text) > MAX_ERROR_CHARS:
-        text = text[: MAX_ERROR_CHARS - 1] + "…"
-    return {"error": text, "error_type": error_type}
 
 
 def _encode_result(value: Any) -> tuple[str, None] | tuple[None, dict[str, str]]:
@@ -119,20 +90,18 @@ async def _call(job_type: registry.JobType, ctx: JobContext, run: Run) -> Any:
     return await trio.to_thread.run_sync(target, abandon_on_cancel=True)
 
 
-async def run_job(run: Run, ctx: JobContext, default_timeout: float | None = None) -> Outcome:
-    """Run ``run.job`` to an :class:`Outcome`. Never raises (except trio.Cancelled from outside)."""
+async def execute(run: Run, ctx: JobContext) -> Outcome:
+    """Run ``run.job`` to an :class:`Outcome`. Never raises (but trio.Cancelled from outside)."""
     job = run.job
     if job.cron_schedule is not None and not cron.is_valid(job.cron_schedule):
         message = (
             f"invalid cron_schedule {job.cron_schedule!r}: expected 5 fields or 6 (seconds first)"
         )
-        return Outcome(job, "failed", error_result(message, "InvalidJob"), retry=False)
+        return Outcome("failed", error_result(message, "InvalidJob"), retry=False)
     job_type = registry.get(job.type)
     if job_type is None:
-        return Outcome(
-            job, "failed", error_result(f"unknown job type '{job.type}'", "UnknownJobType")
-        )
-    timeout = job.timeout_seconds or job_type.timeout or default_timeout
+        return Outcome("failed", error_result(f"unknown job type '{job.type}'", "UnknownJobType"))
+    timeout = job.timeout_seconds or job_type.timeout
     if timeout is not None:
         run.deadline = time.monotonic() + timeout
         run.scope.deadline = trio.current_time() + timeout
@@ -140,22 +109,108 @@ async def run_job(run: Run, ctx: JobContext, default_timeout: float | None = Non
         with run.scope:
             value = await _call(job_type, ctx, run)
     except Exception as exc:
+        if isinstance(exc, ClaimLostError):
+            run.halt("lost", str(exc))
+        stopped = run.stopped_outcome(committed=ctx.committed)
+        if stopped is not None:
+            return stopped
+        if ctx.committed:
+            ctx.log.exception("raised after its transaction committed the job")
+            return Outcome("succeeded", committed=True)
         ctx.log.info("failed: %s: %s", type(exc).__name__, exc)
-        return Outcome(job, "failed", error_result(str(exc) or repr(exc), type(exc).__name__))
-    if run.scope.cancelled_caught or run.scope.cancel_called:
-        if run.releasing:
-            return Outcome(job, "release")
-        if run.cancel_reason is not None:
-            return Outcome(
-                job,
-                "cancelled",
-                error_result(f"Job cancelled: {run.cancel_reason}", "JobCancelled"),
-            )
-        if run.scope.cancelled_caught:
-            return Outcome(
-                job, "timed_out", error_result(f"timed out after {timeout:g} s", "JobTimeout")
-            )
+        return Outcome("failed", error_result(str(exc) or repr(exc), type(exc).__name__))
+    stopped = run.stopped_outcome(committed=ctx.committed)
+    if stopped is not None:
+        return stopped
+    if run.scope.cancelled_caught and not ctx.committed:
+        return Outcome("timed_out", error_result(f"timed out after {timeout:g} s", "JobTimeout"))
     encoded, problem = _encode_result(value)
     if problem is not None:
-        return Outcome(job, "failed", problem)
-    return Outcome(job, "succeeded", value, encoded=encoded)
+        return Outcome("failed", problem, committed=ctx.committed)
+    return Outcome("succeeded", value, encoded=encoded, committed=ctx.committed)
+
+
+class Runner:
+    """Starts ready runs of the :class:`~.flow.Flow` as slots free up; each run's outcome goes
+    back to the flow (:meth:`~.flow.Flow.done`), for the completer.
+
+    ``context(run)`` builds a handler's context. ``max_lost_runs``: a job whose runs were lost
+    with their worker this often (when it has no ``max_attempts``) fails without running.
+    :attr:`stuck` is set when a handler's thread ignores cancellation.
+    """
+
+    def __init__(
+        self,
+        flow: Flow,
+        outbox: Outbox,
+        context: Callable[[Run], JobContext],
+        *,
+        max_lost_runs: int,
+    ) -> None:
+        self._flow = flow
+        self._outbox = outbox
+        self._context = context
+        self._max_lost_runs = max_lost_runs
+        self.stuck = trio.Event()
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run jobs until cancelled (cancelling running handlers: drain first)."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            while True:
+                run = await self._flow.next_run()
+                nursery.start_soon(self._run_one, run, name=f"job {run.job.id}")
+
+    async def _run_one(self, run: Run) -> None:
+        outcome = self._before_start(run)
+        if outcome is None:
+            ctx = self._context(run)
+            if self._outbox.events_wanted:
+                self._outbox.event(job_event("started", run.job))
+            outcome = await execute(run, ctx)
+            if run.thread_running:
+                self._watch_thread(run)
+        self._flow.done(run, outcome)
+
+    def _before_start(self, run: Run) -> Outcome | None:
+        """The outcome of a run that must not start, or None."""
+        stopped = run.stopped_outcome()
+        if stopped is not None:
+            return stopped
+        job = run.job
+        if not run.lost:
+            return None
+        limit = job.max_attempts if job.max_attempts is not None else self._max_lost_runs
+        too_often = job.attempt > limit if job.max_attempts is not None else job.lost_runs > limit
+        if too_often:
+            reason = (
+                f"the worker running this job was lost {job.lost_runs} time(s) "
+                f"(crashed or killed); giving up after {limit} attempt(s)"
+            )
+            return Outcome("failed", error_result(reason, "WorkerLost"), retry=False)
+        logger.warning(
+            "job %d (%s): previous run was lost with its worker; running again (attempt %d)",
+            job.id,
+            job.type,
+            job.attempt,
+            extra={"job_id": job.id, "job_type": job.type},
+        )
+        return None
+
+    def _watch_thread(self, run: Run) -> None:
+        async def watch() -> None:
+            await trio.sleep(THREAD_GRACE_SECONDS)
+            if run.thread_running:
+                logger.error(
+                    "job %d (%s): its handler thread ignores cancellation; replacing this "
+                    "worker process",
+                    run.job.id,
+                    run.job.type,
+                    extra={"job_id": run.job.id, "job_type": run.job.type},
+                )
+                self.stuck.set()
+
+        assert self._nursery is not None
+        self._nursery.start_soon(watch)

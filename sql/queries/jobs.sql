@@ -1,7 +1,7 @@
 -- Submitting, reading and cancelling jobs (client API).
 
 -- name: insert_jobs
--- Returns the columns in qdworker.model.Job's field order (as insert_job and get_job do).
+-- Returns every column (rows become Jobs by column name).
 -- One round trip for any number of jobs: a JSON array of objects with the user fields
 -- (plus delay_ms, a due time relative to the database clock). Defaults match plain SQL inserts.
 INSERT INTO worker_jobs (
@@ -19,11 +19,7 @@ SELECT j.tag, j.type, coalesce(j.user_id, 0), coalesce(j.data, '{}'::jsonb),
        cron_schedule text, auto_reschedule_on_failure boolean,
        auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
        max_attempts integer, backoff text, timeout_seconds double precision)
-RETURNING id, tag, type, user_id, data, due, started, finished, remove_at, success, result,
-          cron_schedule, auto_reschedule_on_failure, auto_reschedule_on_failure_delay,
-          remove_delay, rescheduled_from_job, persistent, created_at, updated_at, attempt,
-          max_attempts, backoff, timeout_seconds, claims, lost_runs, lease_owner,
-          lease_expires_at, cancel_requested_at
+RETURNING *
 
 -- name: insert_job
 -- One job, the fast path of submit_job (a prepared statement; same defaults as insert_jobs).
@@ -40,19 +36,10 @@ VALUES (%(tag)s::text, %(type)s::text, coalesce(%(user_id)s::bigint, 0),
         coalesce(%(remove_delay)s::bigint, 0), coalesce(%(persistent)s::boolean, false),
         %(max_attempts)s::integer, coalesce(%(backoff)s::text, 'fixed'),
         %(timeout_seconds)s::float8)
-RETURNING id, tag, type, user_id, data, due, started, finished, remove_at, success, result,
-          cron_schedule, auto_reschedule_on_failure, auto_reschedule_on_failure_delay,
-          remove_delay, rescheduled_from_job, persistent, created_at, updated_at, attempt,
-          max_attempts, backoff, timeout_seconds, claims, lost_runs, lease_owner,
-          lease_expires_at, cancel_requested_at
+RETURNING *
 
 -- name: get_job
-SELECT id, tag, type, user_id, data, due, started, finished, remove_at, success, result,
-       cron_schedule, auto_reschedule_on_failure, auto_reschedule_on_failure_delay,
-       remove_delay, rescheduled_from_job, persistent, created_at, updated_at, attempt,
-       max_attempts, backoff, timeout_seconds, claims, lost_runs, lease_owner,
-       lease_expires_at, cancel_requested_at
-  FROM worker_jobs WHERE id = %(id)s
+SELECT * FROM worker_jobs WHERE id = %(id)s
 
 -- name: cancel_job
 SELECT qdworker_cancel_job(%(id)s, %(reason)s) AS outcome

@@ -237,6 +237,9 @@ def test_claim_returns_the_job_fields_in_order(sql: psycopg.Connection) -> None:
     from qdworker.model import COLUMNS
 
     sql.execute("INSERT INTO worker_jobs (type) VALUES ('x')")
-    cur = sql.execute(statements.get("claim"), {"limit": 1, "owner": "t", "lease_seconds": 5})
+    cur = sql.execute(
+        statements.get("claim"),
+        {"limit": 1, "owner": "t", "lease_seconds": 5, "types": ["x"], "rescue": True},
+    )
     assert cur.description is not None
     assert [c.name for c in cur.description] == [*COLUMNS, "lost"]

@@ -6,7 +6,7 @@ blocking sockets, so the supervisor side is tested against a real process. Modes
 ``crash``       exit 3 at once (a worker whose job modules fail to import)
 ``ok``          started, a broadcast, heartbeats every 0.1 s; SIGTERM: a ``bye`` broadcast,
                 worker-shutdown, exit 0. With ``STANDIN_JOB_ID`` it first takes that job's
-                lease (like a claim) and keeps it (a clean exit leaves releasing to itself).
+                lease (like a claim) and keeps it (as a handler that ignores cancellation).
 ``lease-crash`` take ``STANDIN_JOB_ID``'s lease, send worker-started, exit 1
 ``hang``        started and one heartbeat, then ignore SIGTERM and block forever
 ``slow-stop``   like ``ok``, but the first SIGTERM only announces ``stopping`` (still

@@ -109,8 +109,9 @@ async def test_ipc_routing_heartbeats_and_clean_stop(
     assert any("bye" in m.get("message", {}) for _, m in inbox.messages)
     stats = child.statistics()
     assert stats.restarts == 0 and stats.last_exit_code == 0 and not stats.alive
-    # A clean exit leaves the child's leases alone (it releases its jobs itself).
-    assert lease_of(sql, job_id)["live"] is True
+    # A lease still held after the process is gone (a clean worker releases its jobs itself,
+    # except those whose handlers ignored cancellation) is ended at once.
+    assert lease_of(sql, job_id)["live"] is False
 
 
 async def test_lease_released_when_child_crashes(

@@ -10,6 +10,7 @@ from procs import all_finished, running, start_worker, stop, wait_for
 from test_worker import JOBS, sql
 
 from qdworker import Queue
+from qdworker.schedule import backoff
 
 FAST = {"QDWORKER_LEASE_SECONDS": "1", "QDWORKER_POLL_INTERVAL": "0.5"}
 
@@ -35,8 +36,10 @@ def test_retry_chain_copies_every_field_including_persistent(jobs_db: str) -> No
             row["remove_delay"],
         ) == ("retry-me", 7, {"message": "nope"}, True, 5000)
         assert row["success"] is False
-    for before, after in itertools.pairwise(rows):
-        assert after["due"] - before["finished"] == timedelta(milliseconds=100)
+    # The job's delay is 100 ms, but retries never come faster than the floor: 1 s after
+    # the first attempt, 2 s after the second (qdworker/schedule/backoff.py).
+    for (before, after), floor_ms in zip(itertools.pairwise(rows), (1000, 2000), strict=True):
+        assert after["due"] - before["finished"] == timedelta(milliseconds=floor_ms)
     assert "gave_up" not in rows[1]["result"]
     assert rows[2]["result"]["gave_up"] == "attempt 3 of 3 failed: no retries left"
 
@@ -46,14 +49,15 @@ def test_exponential_backoff_doubles_with_jitter(jobs_db: str) -> None:
         jobs_db,
         """INSERT INTO worker_jobs (type, auto_reschedule_on_failure,
         auto_reschedule_on_failure_delay, max_attempts, backoff)
-        VALUES ('boom', true, 200, 4, 'exponential')""",
+        VALUES ('boom', true, 1500, 3, 'exponential')""",
     )
     with running(start_worker(jobs_db)) as worker:
-        rows = wait_for(jobs_db, JOBS, lambda r: len(r) == 4 and all_finished(r))
+        rows = wait_for(jobs_db, JOBS, lambda r: len(r) == 3 and all_finished(r))
         assert stop(worker) == 0
     for attempt, (before, after) in enumerate(itertools.pairwise(rows), start=1):
-        ceiling = timedelta(milliseconds=200 * 2 ** (attempt - 1))
-        assert ceiling / 2 <= after["due"] - before["finished"] <= ceiling
+        ceiling = timedelta(milliseconds=1500 * 2 ** (attempt - 1))
+        floor = timedelta(milliseconds=backoff.floor_ms(attempt))
+        assert max(ceiling / 2, floor) <= after["due"] - before["finished"] <= max(ceiling, floor)
 
 
 def test_job_that_kills_its_worker_is_stopped_by_max_attempts(jobs_db: str) -> None:

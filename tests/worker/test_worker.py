@@ -27,7 +27,9 @@ def test_jobs_inserted_by_sql_finish_with_their_results(jobs_db: str) -> None:
         ('aio', '{}'), ('record', '{}')""",
     )
     with running(start_worker(jobs_db)) as worker:
-        rows = wait_for(jobs_db, JOBS, all_finished)
+        rows = wait_for(
+            jobs_db, JOBS, lambda rows: all_finished([r for r in rows if r["type"] != "nope"])
+        )
         results = {r["type"]: (r["success"], r["result"]) for r in rows}
         assert results["noop"] == (True, {"ok": True})
         assert results["echo"] == (True, {"a": 1})
@@ -35,10 +37,10 @@ def test_jobs_inserted_by_sql_finish_with_their_results(jobs_db: str) -> None:
         assert results["badResult"][0] is False
         assert results["badResult"][1]["error"].startswith("result is not JSON-serialisable")
         assert results["hugeResult"][0] is False and "limit" in results["hugeResult"][1]["error"]
-        assert results["nope"] == (
-            False,
-            {"error": "unknown job type 'nope'", "error_type": "UnknownJobType"},
-        )
+        # A type this worker does not run is not claimed: it waits for a worker that does
+        # (the supervisor fails it after QDWORKER_UNKNOWN_TYPE_TIMEOUT, tested elsewhere).
+        [nope] = [r for r in rows if r["type"] == "nope"]
+        assert (nope["started"], nope["claims"], nope["finished"]) == (None, 0, None)
         assert results["threaded"] == (True, {"thread": True})
         assert results["aio"] == (True, {"asyncio": True, "answer": 42})
         # the worker keeps going after all that

@@ -1,0 +1,78 @@
+"""Housekeeping every supervisor does for the whole cluster, every
+:data:`MAINTENANCE_SECONDS`: fail jobs of types no live worker runs, forget long-gone workers.
+
+Unknown job types: workers claim only the types they registered (``qdworker_workers``), so a
+job whose type nobody runs stays pending (a rolling deploy: the new type waits for the new
+workers). Once it has waited ``QDWORKER_UNKNOWN_TYPE_TIMEOUT`` seconds since it was due *and*
+since a worker running its type was last seen, while some worker is alive to judge, it fails
+once with ``UnknownJobType`` and is not retried. Several supervisors may do this at once: rows
+are locked with ``SKIP LOCKED``.
+
+Errors are logged and retried at the next round; a database outage is logged once, by the
+connection layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Final
+
+import trio
+
+from ..db import store
+from ..db.connect import DbOptions
+from ..db.connection import Link
+from ..errors import DatabaseError
+
+__all__ = ["FORGET_WORKERS_SECONDS", "MAINTENANCE_SECONDS", "run_maintenance"]
+
+logger = logging.getLogger(__name__)
+
+MAINTENANCE_SECONDS: Final = 15.0
+#: Rows failed per statement (and per type per round).
+FAIL_BATCH: Final = 1000
+#: Registrations of workers not seen for this long are deleted (their types stop counting
+#: as recently known).
+FORGET_WORKERS_SECONDS: Final = 24 * 3600.0
+
+
+async def _round(link: Link, unknown_type_timeout: float) -> None:
+    conn = await link.connection()
+    for job_type, last_seen in await conn.run(store.unknown_types):
+        fail = partial(
+            store.fail_unknown_type,
+            job_type=job_type,
+            last_seen=last_seen,
+            limit_seconds=unknown_type_timeout,
+            batch=FAIL_BATCH,
+        )
+        failed = await conn.run(fail)
+        if failed:
+            logger.warning(
+                "failed %d job(s) of type %r: no live worker runs that type (waited more than "
+                "%g s); add its module to QDWORKER_JOBS",
+                failed,
+                job_type,
+                unknown_type_timeout,
+            )
+    await conn.run(lambda raw: store.forget_workers(raw, older_than_seconds=FORGET_WORKERS_SECONDS))
+
+
+async def run_maintenance(
+    url: str,
+    options: DbOptions,
+    *,
+    unknown_type_timeout: float,
+    interval: float = MAINTENANCE_SECONDS,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Do the housekeeping every ``interval`` seconds until cancelled; never raises."""
+    task_status.started()
+    async with Link(url, "maintenance", options) as link:
+        while True:
+            try:
+                await _round(link, unknown_type_timeout)
+            except DatabaseError as exc:
+                logger.debug("maintenance failed (%s); next round in %g s", exc, interval)
+            await trio.sleep(interval)
