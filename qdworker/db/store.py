@@ -38,7 +38,7 @@ __all__ = [
     "next_wakeup",
     "release_orphans",
     "release_worker_leases",
-    "serving_seconds",
+    "server_epoch",
     "unknown_types",
     "worker_exit",
 ]
@@ -102,11 +102,12 @@ def _one(raw: Raw, name: str, params: Mapping[str, Any] | None = None) -> dict[s
 # ------------------------------------------------------------------------------- worker
 
 
-def serving_seconds(raw: Raw) -> float | None:
-    """Seconds since the server started serving after a restart or failover (None: never
-    restarted since the database was created)."""
-    value = _one(raw, "server_available_since")["serving_seconds"]
-    return None if value is None else float(value)
+def server_epoch(raw: Raw) -> tuple[float | None, bool]:
+    """(seconds since the server started serving after its last restart or failover, None if
+    there was none since the database was created; whether that was a failover)."""
+    row = _one(raw, "server_epoch")
+    seconds = row["serving_seconds"]
+    return (None if seconds is None else float(seconds)), bool(row["failover"])
 
 
 def claim(

@@ -1,5 +1,6 @@
-"""Housekeeping every supervisor does for the whole cluster, every
-:data:`MAINTENANCE_SECONDS`: fail jobs of types no live worker runs, forget long-gone workers.
+"""Housekeeping every supervisor does for the whole cluster, every :data:`MAINTENANCE_SECONDS`
+(or a quarter of ``QDWORKER_UNKNOWN_TYPE_TIMEOUT`` when that is shorter, at least
+:data:`MIN_INTERVAL_SECONDS`): fail jobs of types no live worker runs, forget long-gone workers.
 
 Unknown job types: workers claim only the types they registered (``qdworker_workers``), so a
 job whose type nobody runs stays pending (a rolling deploy: the new type waits for the new
@@ -30,6 +31,7 @@ __all__ = ["FORGET_WORKERS_SECONDS", "MAINTENANCE_SECONDS", "run_maintenance"]
 logger = logging.getLogger(__name__)
 
 MAINTENANCE_SECONDS: Final = 15.0
+MIN_INTERVAL_SECONDS: Final = 0.25
 #: Rows failed per statement (and per type per round).
 FAIL_BATCH: Final = 1000
 #: Registrations of workers not seen for this long are deleted (their types stop counting
@@ -64,10 +66,10 @@ async def run_maintenance(
     options: DbOptions,
     *,
     unknown_type_timeout: float,
-    interval: float = MAINTENANCE_SECONDS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Do the housekeeping every ``interval`` seconds until cancelled; never raises."""
+    """Do the housekeeping until cancelled (see the module docstring); never raises."""
+    interval = max(MIN_INTERVAL_SECONDS, min(MAINTENANCE_SECONDS, unknown_type_timeout / 4))
     task_status.started()
     async with Link(url, "maintenance", options) as link:
         while True:

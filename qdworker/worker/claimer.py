@@ -8,9 +8,11 @@ that moment, or the poll interval, whichever comes first.
 
 Faults. The claim connection is a :class:`~qdworker.db.connection.Link`: while the database is
 away the claimer waits for it (the outage is logged once), and after every reconnect it asks
-the server when it started serving (:func:`~qdworker.db.store.serving_seconds`): for one
-lease after a restart or failover it rescues no expired lease, so the workers that lived
-through the outage renew their runs instead of seeing them run twice. A claim cut off by a
+the server when it started serving (:func:`~qdworker.db.store.server_epoch`): for one lease
+after a restart it rescues no expired lease, so the workers that lived through the outage
+renew their runs instead of seeing them run twice; for one lease after a failover it claims
+nothing at all, since the new primary may lack the last claims (asynchronous replication) and
+the workers running those jobs need that long to notice and stop them. A claim cut off by a
 broken connection may have committed: the claimer then gives back every row leased to it that
 it does not hold (``release_orphans``) before claiming again, so those jobs never wait for a
 lease to expire and never count as lost runs. The claim statement itself is never cancelled
@@ -69,6 +71,7 @@ class Claimer:
         self._stopping = stopping
         self._link = Link(url, "claim", options, on_connect=self._connected)
         self._rescue_after = 0.0  # monotonic time from which expired leases may be rescued
+        self._pause_until = 0.0  # monotonic time from which claiming may resume (failover)
         self._orphans = False  # a claim's outcome is unknown: rows may be leased to us
         self.clock_offset = 0.0  # database clock - local clock, seconds
         self.backlog = False  # the last claim got all it asked for: probably more to come
@@ -77,24 +80,32 @@ class Claimer:
 
     async def _connected(self, conn: Connection) -> None:
         sent = time.monotonic()
-        serving = await conn.run(store.serving_seconds)
-        if serving is None:
+        serving, failover = await conn.run(store.server_epoch)
+        if serving is None or serving >= self._lease:
             return
         grace = self._lease - serving
-        self._rescue_after = sent + max(0.0, grace)
-        if grace > 0 and self._link.connects > 0:  # a reconnect, not the first connection
-            logger.info(
-                "the database started serving %.1f s ago: runs whose lease expired are "
-                "rescued only after %.1f s more (their workers may still renew them)",
-                serving,
-                grace,
-            )
+        self._rescue_after = sent + grace
+        if failover:
+            self._pause_until = sent + grace
+        logger.info(
+            "the database %s %.1f s ago: %s for %.1f s more (workers that lived through it "
+            "may still renew their runs)",
+            "failed over" if failover else "restarted",
+            serving,
+            "claiming nothing" if failover else "rescuing no expired lease",
+            grace,
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Claim until ``stopping`` is set (then return between two claims) or cancelled."""
         task_status.started()
         async with self._link:
             while not self._stopping.is_set():
+                paused = self._pause_until - time.monotonic()
+                if paused > 0:
+                    with trio.move_on_after(paused):
+                        await self._stopping.wait()
+                    continue
                 room = self._flow.room()
                 if room <= 0:
                     # Bounded, so a due job or an expired lease is looked for every poll.
@@ -109,6 +120,8 @@ class Claimer:
         """One claim (and, when drained, the next wake-up); returns how long to sleep, or
         None to claim again at once."""
         conn = await self._link.connection()  # cancellable: no statement is running
+        if time.monotonic() < self._pause_until:  # this connection found a failover
+            return 0.0
         wait: float | None = None
         try:
             with trio.CancelScope(shield=True):  # bounded by the connection's deadline

@@ -96,9 +96,14 @@ class Completer:
         task_status.started()
         async with self._link:
             while True:
-                await self._write_batch(await self._flow.take(MAX_BATCH))
+                await self.write(await self._flow.take(MAX_BATCH))
 
-    async def _write_batch(self, batch: list[Run]) -> None:
+    async def aclose(self) -> None:
+        """Close the connection (when :meth:`write` was used without :meth:`run`)."""
+        await self._link.aclose()
+
+    async def write(self, batch: list[Run]) -> None:
+        """Write the outcomes of ``batch`` (finished runs) now; see the module docstring."""
         to_write: list[Run] = []
         for run in batch:
             assert run.outcome is not None

@@ -43,28 +43,41 @@ BEGIN
 END;
 $$;
 
--- When the server (re)started serving: the first qdworker connection after a restart or a
--- failover (a postmaster other than the one recorded) records now(). For one lease after that
--- moment no worker rescues a run whose lease expired, so runs whose workers lived through the
--- outage are renewed, not run twice (see docs/reliability.md). The first record ever says
--- '-infinity': a new database has no outage behind it.
+-- When the server (re)started serving: the first qdworker connection after a restart (a
+-- postmaster other than the one recorded) or a failover (another WAL timeline) records now().
+-- For one lease after a restart no worker rescues a run whose lease expired, so runs whose
+-- workers lived through the outage are renewed, not run twice. After a failover no worker
+-- claims anything for one lease: with asynchronous replication the new primary may lack the
+-- last claims, and the workers running those jobs need that long to find out and stop (see
+-- docs/reliability.md). The first record ever says '-infinity': a new database has no outage
+-- behind it.
 CREATE TABLE qdworker_server (
     id                  boolean     PRIMARY KEY DEFAULT true CHECK (id),
     postmaster_started  timestamptz NOT NULL,
-    available_since     timestamptz NOT NULL
+    timeline            integer     NOT NULL,
+    available_since     timestamptz NOT NULL,
+    failover            boolean     NOT NULL DEFAULT false
 );
 
 COMMENT ON TABLE qdworker_server IS 'qdworker: when this server started serving (restart and failover detection).';
 
-CREATE FUNCTION qdworker_server_available_since(OUT available_since timestamptz, OUT db_now timestamptz)
+CREATE FUNCTION qdworker_server_epoch(OUT serving_seconds double precision, OUT failover boolean)
 LANGUAGE plpgsql AS $$
+DECLARE
+    tli integer := ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::integer;
+    rec record;
 BEGIN
-    INSERT INTO qdworker_server AS s (id, postmaster_started, available_since)
-    VALUES (true, pg_postmaster_start_time(), '-infinity')
+    INSERT INTO qdworker_server AS s (id, postmaster_started, timeline, available_since)
+    VALUES (true, pg_postmaster_start_time(), tli, '-infinity')
     ON CONFLICT (id) DO UPDATE
-       SET postmaster_started = excluded.postmaster_started, available_since = now()
-     WHERE s.postmaster_started IS DISTINCT FROM excluded.postmaster_started;
-    SELECT s.available_since, now() INTO available_since, db_now FROM qdworker_server AS s;
+       SET postmaster_started = excluded.postmaster_started, timeline = excluded.timeline,
+           available_since = now(), failover = s.timeline IS DISTINCT FROM excluded.timeline
+     WHERE s.postmaster_started IS DISTINCT FROM excluded.postmaster_started
+        OR s.timeline IS DISTINCT FROM excluded.timeline;
+    SELECT s.available_since, s.failover INTO rec FROM qdworker_server AS s;
+    serving_seconds := CASE WHEN rec.available_since = '-infinity' THEN NULL
+                            ELSE extract(epoch FROM now() - rec.available_since) END;
+    failover := rec.failover;
 END;
 $$;
 

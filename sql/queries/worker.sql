@@ -1,12 +1,10 @@
 -- The worker's path: claim, renew, finish, release. Every write after a claim is fenced by
 -- (id, claims): a worker that lost its claim cannot overwrite the row of a rescued job.
 
--- name: server_available_since
+-- name: server_epoch
 -- Seconds since this server started serving qdworker after a restart or failover (NULL: no
--- restart or failover since the database was created).
-SELECT CASE WHEN available_since = '-infinity' THEN NULL
-            ELSE extract(epoch FROM db_now - available_since)::float8 END AS serving_seconds
-  FROM qdworker_server_available_since()
+-- restart or failover since the database was created), and whether it was a failover.
+SELECT serving_seconds, failover FROM qdworker_server_epoch()
 
 -- name: claim
 -- Up to %(limit)s jobs of the worker's %(types)s: first runs lost with their worker (started,

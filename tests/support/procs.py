@@ -44,12 +44,22 @@ def start_worker(db_url: str, **settings: str) -> subprocess.Popen[bytes]:
     )
 
 
-def start_supervisor(db_url: str, *args: str, **settings: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "qdworker", *args],
-        env=env_for(db_url, **settings),
-        start_new_session=True,
-    )
+def start_supervisor(
+    db_url: str, *args: str, log: Path | None = None, **settings: str
+) -> subprocess.Popen[bytes]:
+    """``python -m qdworker ARGS`` on ``db_url``; its output (and its workers') goes to
+    ``log`` when given."""
+    stderr = None if log is None else open(log, "ab")  # noqa: SIM115 (the child owns it)
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "qdworker", *args],
+            env=env_for(db_url, **settings),
+            start_new_session=True,
+            stderr=stderr,
+        )
+    finally:
+        if stderr is not None:
+            stderr.close()
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 20) -> int:

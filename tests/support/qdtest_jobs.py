@@ -100,3 +100,26 @@ async def nul_result(ctx: Any) -> Any:
 @job("nulError")
 async def nul_error(ctx: Any) -> None:
     raise ValueError("bad \x00 byte and a lone \ud800 surrogate")
+
+
+def _record(mark: str, ctx: Any) -> None:
+    """One line ``mark job claims pid time`` appended to QDTEST_RUNS_FILE (O_APPEND: whole
+    lines, even from several processes at once), written without the database."""
+    line = f"{mark} {ctx.job.id} {ctx.job.claims} {os.getpid()} {time.time():.6f}\n"
+    fd = os.open(os.environ["QDTEST_RUNS_FILE"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+@job("chaos")
+async def chaos(ctx: Any) -> dict[str, Any]:
+    """Records its start and end (also when cancelled) in QDTEST_RUNS_FILE; sleeps
+    ``data.seconds``; needs no database."""
+    _record("S", ctx)
+    try:
+        await trio.sleep(float(ctx.job.data.get("seconds", 0)))
+    finally:
+        _record("E", ctx)
+    return {"ok": True}
