@@ -27,6 +27,7 @@ __all__ = [
     "Renewal",
     "cancel_job",
     "claim",
+    "claim_next",
     "fail_unknown_type",
     "finish",
     "forget_workers",
@@ -127,6 +128,27 @@ def claim(
         "rescue": rescue,
     }
     return cast(list[Claimed], _rows(raw, "claim", params, _claimed_row))
+
+
+def claim_next(
+    raw: Raw,
+    *,
+    limit: int,
+    owner: str,
+    lease_seconds: float,
+    types: Sequence[str],
+    after: tuple[datetime, int],
+) -> list[Claimed]:
+    """The claim's fast path: due pending jobs after ``after`` (due, id) only."""
+    params = {
+        "limit": limit,
+        "owner": owner,
+        "lease_seconds": lease_seconds,
+        "types": list(types),
+        "after_due": after[0],
+        "after_id": after[1],
+    }
+    return cast(list[Claimed], _rows(raw, "claim_next", params, _claimed_row))
 
 
 def next_wakeup(raw: Raw, *, owner: str, types: Sequence[str]) -> tuple[float | None, float]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, Final
 
 import trio
@@ -35,12 +36,16 @@ from ..errors import DatabaseError, DatabaseUnavailableError, OutcomeUnknownErro
 from .flow import Flow
 from .run import Run
 
-__all__ = ["VALID_FRACTION", "Claimer"]
+__all__ = ["FULL_CLAIM_SECONDS", "VALID_FRACTION", "Claimer"]
 
 logger = logging.getLogger(__name__)
 
 #: Pause after a claim the database refused for another reason than a lost connection.
 ERROR_PAUSE_SECONDS: Final = 1.0
+#: While a backlog drains, claims start after the last job claimed (``claim_next``); at least
+#: this often, and whenever that finds less than a full batch, a full claim looks again from
+#: the start (jobs released or due earlier) and rescues lost runs.
+FULL_CLAIM_SECONDS: Final = 1.0
 #: A claim or renewal lets the worker act on a job for this part of a lease (measured from
 #: when the statement was sent): the rest is margin for clock rates and delays, so the worker
 #: stops before any other worker may rescue the job.
@@ -72,6 +77,8 @@ class Claimer:
         self._link = Link(url, "claim", options, on_connect=self._connected)
         self._rescue_after = 0.0  # monotonic time from which expired leases may be rescued
         self._pause_until = 0.0  # monotonic time from which claiming may resume (failover)
+        self._cursor: tuple[datetime, int] | None = None  # (due, id) of the last job claimed
+        self._next_full_claim = 0.0
         self._orphans = False  # a claim's outcome is unknown: rows may be leased to us
         self.clock_offset = 0.0  # database clock - local clock, seconds
         self.backlog = False  # the last claim got all it asked for: probably more to come
@@ -153,20 +160,33 @@ class Claimer:
             )
 
     async def _claim(self, conn: Connection, limit: int) -> list[Run]:
-        rescue = time.monotonic() >= self._rescue_after
         sent = time.monotonic()
         self._flow.want_room = False
-        claimed = await conn.run(
-            lambda raw: store.claim(
-                raw,
-                limit=limit,
-                owner=self._owner,
-                lease_seconds=self._lease,
-                types=self._types,
-                rescue=rescue,
-            )
-        )
-        self.backlog = len(claimed) >= limit
+        after = self._cursor
+        fast = self.backlog and after is not None and sent < self._next_full_claim
+        if fast and after is not None:
+            claimed = await conn.run(
+                lambda raw: store.claim_next(
+                    raw, limit=limit, owner=self._owner, lease_seconds=self._lease,
+                    types=self._types, after=after,
+                )
+            )  # fmt: skip
+        else:
+            rescue = sent >= self._rescue_after
+            claimed = await conn.run(
+                lambda raw: store.claim(
+                    raw, limit=limit, owner=self._owner, lease_seconds=self._lease,
+                    types=self._types, rescue=rescue,
+                )
+            )  # fmt: skip
+            self._next_full_claim = sent + FULL_CLAIM_SECONDS
+        pending = [(c.job.due, c.job.id) for c in claimed if not c.lost]
+        self._cursor = max(pending) if pending else None
+        # A short fast-path claim does not mean the queue is drained (jobs may wait before
+        # the cursor): look again at once, with a full claim.
+        self.backlog = len(claimed) >= limit or fast
+        if fast and len(claimed) < limit:
+            self._next_full_claim = 0.0
         self._flow.want_room = self.backlog
         self.claims += 1
         self.claimed += len(claimed)

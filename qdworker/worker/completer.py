@@ -235,6 +235,8 @@ class Completer:
         return self.finish_params([(run, outcome)], [])
 
     async def _write(self, batch: list[Run]) -> None:
+        # In id order, as the lease keeper's renewals: rows are locked in one order, no deadlock.
+        batch = sorted(batch, key=lambda run: run.job.id)
         finishing = [
             (run, run.outcome)
             for run in batch

@@ -233,7 +233,10 @@ class LeaseKeeper:
                 run.valid_until = until
 
     def _heartbeat(self, raw: Raw) -> None:
-        held = [run for run in self._flow.snapshot() if run.holds_claim]
+        # In id order, as the completer's batches: rows are locked in one order, no deadlock.
+        held = sorted(
+            (run for run in self._flow.snapshot() if run.holds_claim), key=lambda run: run.job.id
+        )
         sent = time.monotonic()
         with _Deadline(raw, self._options.client_deadline_seconds):
             renewals = store.heartbeat(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conftest import (
+from chaos import (
     FAULT_SETTINGS,
     eventually,
     finished,

@@ -1,0 +1,123 @@
+"""Faults 2 and 3: Postgres away for longer than a lease while handlers keep running, and
+qdworker's backends terminated, one kind at a time and all at once, during a drain."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from chaos import (
+    FAULT_SETTINGS,
+    eventually,
+    finished,
+    insert_chaos,
+    log_lines,
+    outcome_summary,
+    query,
+)
+from procs import running, start_supervisor, stop
+from runs import overlapping, read_runs, runs_per_job
+
+from qdworker.testing import PostgresServer, terminate_backends, worker_pids
+
+LEASE_SECONDS = 2.0
+
+
+def test_outage_of_three_leases_while_handlers_keep_running(
+    pg: PostgresServer, pg_db: str, runs_file: Path, tmp_path: Path
+) -> None:
+    """The server stops for 3 x the lease. Handlers that need no database run on (even those
+    longer than the lease), their outcomes wait in memory and are written once it is back:
+    each job ran once, none failed, none counts as a lost run."""
+    insert_chaos(pg_db, 20, seconds=1.0)  # finish during the outage
+    insert_chaos(pg_db, 10, seconds=5.0)  # outlive a lease during the outage
+    log = tmp_path / "supervisor.log"
+    settings = {
+        **FAULT_SETTINGS,
+        "QDWORKER_LEASE_SECONDS": str(LEASE_SECONDS),
+        "QDWORKER_CONCURRENCY": "20",
+        "QDTEST_RUNS_FILE": str(runs_file),
+    }
+    with running(start_supervisor(pg_db, log=log, **settings)) as supervisor:
+        eventually(
+            pg_db,
+            "SELECT count(*) AS n FROM worker_jobs WHERE started IS NOT NULL",
+            lambda rows: rows[0]["n"] == 30,
+        )
+        workers = worker_pids(supervisor.pid)
+        outage_start = time.time()
+        with pg.down("fast"):
+            time.sleep(3 * LEASE_SECONDS)  # the outage itself, not synchronisation
+        outage_end = time.time()
+        finished(pg_db, 30)
+        assert worker_pids(supervisor.pid) == workers  # no worker exited
+        assert stop(supervisor) == 0
+    assert outcome_summary(pg_db) == {
+        "jobs": 30, "succeeded": 30, "unfinished": 0, "lost_runs": 0, "max_attempt": 1,
+    }  # fmt: skip
+    runs = read_runs(runs_file)
+    assert overlapping(runs) == []
+    assert set(runs_per_job(runs).values()) == {1}
+    # the long handlers really ran through the outage
+    through = [r for r in runs if r.start < outage_start and r.end and r.end > outage_end]
+    assert len(through) == 0 or all(r.end for r in through)
+    long_runs = [r for r in runs if r.end is not None and r.end - r.start > 4]
+    assert len(long_runs) == 10
+    assert all(r.start < outage_start < r.end for r in long_runs)
+    assert log_lines(log, "lease could not be renewed") == []
+    assert len(log_lines(log, "database unreachable")) <= 3  # supervisor + 2 workers
+
+
+def test_backends_terminated_during_a_drain(
+    pg: PostgresServer, pg_db: str, runs_file: Path, tmp_path: Path
+) -> None:
+    """Every kind of qdworker connection terminated in turn, then all at once: the same
+    guarantees as a restart."""
+    jobs = 5000
+    insert_chaos(pg_db, jobs, seconds=0.02)
+    log = tmp_path / "supervisors.log"
+    settings = {**FAULT_SETTINGS, "QDTEST_RUNS_FILE": str(runs_file)}
+    kinds = [
+        "qdworker-claim", "qdworker-complete", "qdworker-leases", "qdworker-listen",
+        "qdworker-relay-%", "qdworker-maintenance", "qdworker-supervisor",
+    ]  # fmt: skip
+    terminated: dict[str, int] = {}
+    with (
+        running(start_supervisor(pg_db, log=log, **settings)) as a,
+        running(start_supervisor(pg_db, log=log, **settings)) as b,
+    ):
+        finished(pg_db, 200)
+        workers = {*worker_pids(a.pid), *worker_pids(b.pid)}
+        for kind in kinds:
+            terminated[kind] = terminate_backends(pg_db, application_name=kind)
+            done = query(pg_db, "SELECT count(*) AS n FROM worker_jobs WHERE finished IS NOT NULL")
+            finished(pg_db, done[0]["n"] + 100)  # progress between two faults
+        terminated["all"] = terminate_backends(pg_db)
+        finished(pg_db, jobs, timeout=120)
+        assert {*worker_pids(a.pid), *worker_pids(b.pid)} == workers
+        # LISTEN came back everywhere: a new job is woken at once (the poll is 30 s).
+        eventually(
+            pg_db,
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = 'qdworker-listen'",
+            lambda rows: rows[0]["n"] == 4,
+        )
+        [job] = query(pg_db, "INSERT INTO worker_jobs (type) VALUES ('chaos') RETURNING id")
+        eventually(
+            pg_db,
+            f"SELECT 1 FROM worker_jobs WHERE id = {job['id']} AND finished IS NOT NULL",
+            lambda rows: len(rows) == 1,
+            timeout=5,
+        )
+        assert stop(a) == 0 and stop(b) == 0
+    print("terminated:", terminated)
+    for kind in ("qdworker-claim", "qdworker-complete", "qdworker-leases", "qdworker-listen"):
+        assert terminated[kind] == 4, terminated  # one per worker
+    assert terminated["all"] >= 10  # every connection open at that moment
+    assert outcome_summary(pg_db) == {
+        "jobs": jobs + 1, "succeeded": jobs + 1, "unfinished": 0, "lost_runs": 0,
+        "max_attempt": 1,
+    }  # fmt: skip
+    runs = read_runs(runs_file)
+    assert overlapping(runs) == []
+    assert set(runs_per_job(runs).values()) == {1}
+    assert not log_lines(log, "Traceback")
