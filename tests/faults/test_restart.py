@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import trio
 from chaos import (
     FAULT_SETTINGS,
     eventually,
@@ -16,9 +17,13 @@ from chaos import (
     query,
 )
 from procs import running, start_supervisor, stop
+from psycopg.conninfo import conninfo_to_dict
 from runs import overlapping, read_runs, runs_per_job
 
+from qdworker.db.connect import DbOptions
 from qdworker.testing import PostgresServer, worker_pids
+from qdworker.worker.claimer import Claimer
+from qdworker.worker.flow import Flow
 
 JOBS = 5000
 
@@ -72,3 +77,60 @@ def test_postgres_restarts_twice_during_a_drain(
     assert 1 <= len(unreachable) <= 2 * 6, unreachable
     assert len(back) == len(unreachable)
     assert not log_lines(log, "Traceback")
+
+
+async def _claim_after(url: str, lease: float, job_id: int) -> float:
+    """Run a claimer (in this process) until it holds ``job_id``; return how long that took."""
+    flow = Flow(concurrency=10)
+    stopping = trio.Event()
+    claimer = Claimer(
+        url, DbOptions(2), flow, owner="rescuer", types=["chaos"], lease_seconds=lease,
+        poll_seconds=0.1, stopping=stopping,
+    )  # fmt: skip
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(claimer.run)
+        with trio.fail_after(lease * 5):
+            while job_id not in flow.held:
+                await flow.wake.wait_until(trio.current_time() + 0.05)
+        took = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    return took
+
+
+async def test_no_expired_lease_is_rescued_for_a_lease_after_a_restart(
+    pg: PostgresServer, pg_db: str
+) -> None:
+    """A run whose lease expired while the server was down may belong to a worker that lived
+    through the outage: for one lease after the restart nobody rescues it."""
+    lease = 2.0
+    query(pg_db, "SELECT qdworker_server_epoch()")  # the server as qdworker first saw it
+    [job] = query(
+        pg_db,
+        "INSERT INTO worker_jobs (type, started, claims, lease_owner, lease_expires_at)"
+        " VALUES ('chaos', now(), 1, 'survivor', now() - interval '1 second') RETURNING id",
+    )
+    pg.restart("fast")
+    took = await _claim_after(pg_db, lease, job["id"])
+    assert took >= lease * 0.9, took  # not before the grace (a defect rescues it at once)
+    [row] = query(pg_db, f"SELECT attempt, lost_runs FROM worker_jobs WHERE id = {job['id']}")
+    assert row == {"attempt": 2, "lost_runs": 1}
+
+
+async def test_nothing_is_claimed_for_a_lease_after_a_failover(
+    pg: PostgresServer, pg_db: str
+) -> None:
+    """The new primary may lack the last claims (asynchronous replication): for one lease
+    after a failover nothing is claimed, so the workers running them can find out and stop."""
+    lease = 2.0
+    dbname = conninfo_to_dict(pg_db)["dbname"]
+    query(pg_db, "SELECT qdworker_server_epoch()")  # the old primary, as qdworker saw it
+    with pg.create_standby() as standby:
+        standby.start()
+        [job] = query(pg_db, "INSERT INTO worker_jobs (type) VALUES ('chaos') RETURNING id")
+        eventually(standby.url(dbname), f"SELECT 1 FROM worker_jobs WHERE id = {job['id']}",
+                   lambda rows: len(rows) == 1)  # fmt: skip
+        pg.stop("immediate")
+        standby.promote()
+        took = await _claim_after(standby.url(dbname), lease, job["id"])
+    assert took >= lease * 0.9, took  # a plain pending job, yet not claimed before the pause
