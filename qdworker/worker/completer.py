@@ -37,7 +37,7 @@ import trio
 from ..db import store
 from ..db.connect import Backoff, DbOptions, is_transient
 from ..db.connection import Link
-from ..errors import DatabaseError
+from ..errors import DatabaseError, OutcomeUnknownError
 from ..schedule import backoff, cron
 from .flow import Flow
 from .outbox import Outbox
@@ -228,6 +228,7 @@ class Completer:
             ),
             "release_ids": store.int_array(run.job.id for run in releasing),
             "release_claims": store.int_array(run.job.claims for run in releasing),
+            "again": False,
         }
 
     def transaction_params(self, run: Run, outcome: Outcome) -> dict[str, Any]:
@@ -244,7 +245,14 @@ class Completer:
         ]
         releasing = [run for run in batch if run.outcome and run.outcome.ending == "release"]
         params = self.finish_params(finishing, releasing)
-        result = await self._link.run(lambda raw: store.finish(raw, params), idempotent=True)
+        while True:
+            try:
+                result = await self._link.run(lambda raw: store.finish(raw, params))
+                break
+            except OutcomeUnknownError as exc:
+                # Safe to repeat (fenced); rows the lost attempt finished count as written.
+                logger.debug("writing outcomes was cut off (%s); writing them again", exc)
+                params["again"] = True
         self.batches += 1
         events = self._outbox.events_wanted
         for run in batch:

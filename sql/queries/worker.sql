@@ -108,8 +108,10 @@ SELECT count(*) AS n,
 -- finish rows (fenced), insert retry / next-tick successors of the rows actually finished
 -- (copying every user field), store the results of runs a handler's transaction already
 -- finished (%(committed)s), give back released runs (pending again at once) and wake the
--- other workers if any were released. Rows this run finished already (a retry of a batch whose
--- first attempt committed but whose answer was lost) count as done. Returns one row of arrays.
+-- other workers if any were released. Rows this run finished already count as done: those a
+-- handler's transaction finished, and, when %(again)s (the batch is written again because the
+-- answer to the first attempt was lost), any.
+-- Returns one row of arrays.
 WITH outcome AS (
     -- Arrays as text literals and results as one JSON array: cheap to build in Python.
     SELECT * FROM ROWS FROM (unnest(%(ids)s::bigint[]), unnest(%(claims)s::integer[]),
@@ -127,7 +129,7 @@ WITH outcome AS (
 ), already AS (
     SELECT j.id, j.finished
       FROM worker_jobs AS j JOIN outcome AS o ON j.id = o.id AND j.claims = o.claims
-     WHERE j.finished IS NOT NULL
+     WHERE (%(again)s OR o.committed) AND j.finished IS NOT NULL
 ), committed_result AS (
     UPDATE worker_jobs AS j
        SET result = nullif(o.result, 'null'::jsonb), updated_at = now()
