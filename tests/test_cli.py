@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
+import pytest
 import trio
 
 from qdworker import config
@@ -70,12 +73,28 @@ class Supervisor:
         self.lines.extend(self._buffer.decode(errors="replace").splitlines())
 
 
+_started: list[trio.Process] = []
+
+
 async def start_supervisor(env: dict[str, str], *args: str) -> Supervisor:
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "qdworker", *args],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        start_new_session=True,
     )  # fmt: skip
+    _started.append(process)
     return Supervisor(process)
+
+
+@pytest.fixture(autouse=True)
+def _no_supervisor_outlives_its_test() -> Iterator[None]:
+    """A test that fails half-way leaves no supervisor (nor its workers) running."""
+    yield
+    while _started:
+        process = _started.pop()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- settings

@@ -52,6 +52,7 @@ __all__ = [
     "is_configuration_problem",
     "is_transient",
     "server_is_down",
+    "sqlstate_of",
     "translate",
 ]
 
@@ -163,9 +164,38 @@ def connect_sync(
         raise translate(exc, connecting_to=url) from exc
 
 
+#: Refusals libpq reports while connecting carry no SQLSTATE: recognised by their text (the
+#: server's own English messages; a server speaking another language is simply not recognised).
+_CONNECT_REFUSALS: Final = (
+    (("password authentication failed",), "28P01"),
+    (("no pg_hba.conf entry",), "28000"),
+    (('role "', "does not exist"), "28000"),
+    (('database "', "does not exist"), "3D000"),
+    (("too many clients already",), "53300"),
+    (("remaining connection slots are reserved",), "53300"),
+    (("the database system is starting up",), "57P03"),
+    (("the database system is shutting down",), "57P03"),
+    (("the database system is in recovery mode",), "57P03"),
+    (("the database system is not yet accepting connections",), "57P03"),
+)
+
+
+def sqlstate_of(exc: BaseException) -> str | None:
+    """The error's SQLSTATE, or the one a connection-time refusal means (see above)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate
+    if isinstance(exc, psycopg.OperationalError):
+        text = str(exc)
+        for needles, code in _CONNECT_REFUSALS:
+            if all(needle in text for needle in needles):
+                return code
+    return None
+
+
 def _cause(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
-    sqlstate = getattr(exc, "sqlstate", None)
+    sqlstate = sqlstate_of(exc)
     hint = _HINTS.get(sqlstate or "")
     if hint is None and "connection refused" in text.lower():
         hint = "nothing accepts connections there: is Postgres running?"
@@ -192,7 +222,7 @@ def translate(
     """
     if isinstance(exc, DatabaseError):
         return exc
-    sqlstate = getattr(exc, "sqlstate", None)
+    sqlstate = sqlstate_of(exc)
     if connecting_to is not None:
         return DatabaseUnavailableError(
             f"cannot connect to {redact(connecting_to)}: {_cause(exc)}", sqlstate=sqlstate
@@ -311,10 +341,10 @@ class Outage:
                 return
             self._down_since = time.monotonic()
             self.outages += 1
+        cause = str(exc) if isinstance(exc, DatabaseError) else _cause(exc)  # translated: hints in
         logger.warning(
-            "database unreachable: %s; reconnecting (at most %g s apart); running jobs go on "
-            "and their outcomes are written when it is back",
-            _cause(exc),
+            "database unreachable: %s; reconnecting (at most %g s apart)",
+            cause,
             RECONNECT_MAX_SECONDS,
         )
 

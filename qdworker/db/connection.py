@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Raw = psycopg.Connection[Any]
 
+#: Reads (and milliseconds to wait for more) when an idle connection turned readable: a
+#: closing server's FATAL message and its end of stream arrive together, or nearly.
+_CLOSE_READS: Final = 4
+_CLOSE_WAIT_MS: Final = 50
 #: How long a cancelled statement may take to abort before the connection is given up.
 CANCEL_GRACE_SECONDS: Final = 5.0
 #: Pause between attempts while the database refuses us for a reason only a change of settings
@@ -51,8 +55,10 @@ CONFIGURATION_RETRY_SECONDS: Final = 10.0
 
 
 def _server_closed(raw: Raw) -> bool:
-    """True if ``raw`` is known broken, or the server closed it while it was idle (the socket
-    is readable and reading it fails). Non-blocking; call only while no statement runs."""
+    """True if ``raw`` is known broken, or the server closed it while it was idle. Call only
+    while no statement runs. Costs one non-blocking poll when nothing arrived (the usual
+    case); when something did, it is read: a server that ends a connection sends a FATAL
+    message and then closes, so reading goes on (briefly) until the end of the stream."""
     if raw.closed:
         return True
     pgconn = raw.pgconn
@@ -61,10 +67,13 @@ def _server_closed(raw: Raw) -> bool:
         poller.register(pgconn.socket, select.POLLIN)
         if not poller.poll(0):
             return False
-        pgconn.consume_input()
+        for _ in range(_CLOSE_READS):
+            pgconn.consume_input()  # raises at the end of the stream
+            if raw.closed or not poller.poll(_CLOSE_WAIT_MS):
+                break
     except (psycopg.Error, OSError, ValueError):
         return True
-    return raw.closed
+    return raw.closed or b"FATAL" in (pgconn.error_message or b"")
 
 
 def _cancel_statement(raw: Raw) -> None:

@@ -123,3 +123,17 @@ async def chaos(ctx: Any) -> dict[str, Any]:
     finally:
         _record("E", ctx)
     return {"ok": True}
+
+
+@job("raiseOnCancel")
+async def raise_on_cancel(ctx: Any) -> dict[str, Any]:
+    """Records its start in ``test_runs``, sleeps ``data.seconds`` (default 60) and, when
+    cancelled, raises a ValueError instead of letting the cancellation through."""
+    await ctx.db.execute(
+        "INSERT INTO test_runs (job_id, worker_id) VALUES (%s, %s)", (ctx.job.id, ctx.worker_id)
+    )
+    try:
+        await trio.sleep(float(ctx.job.data.get("seconds", 60)))
+    except trio.Cancelled as exc:
+        raise ValueError("raised while being cancelled") from exc
+    return {"slept": True}
