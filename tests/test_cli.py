@@ -214,6 +214,11 @@ async def test_run_restarts_a_crashing_worker_with_backoff(db_url: str, tmp_path
     restarts = [line for line in supervisor.lines if "ended unexpectedly" in line]
     assert 2 <= len(restarts) <= 6, "\n".join(supervisor.lines)
     assert any(" error " in line and "in a row" in line for line in restarts)
+    # ... naming the cause the worker reported, not a guess
+    assert any(
+        "cannot import job modules qdworker_no_such_module_for_tests (QDWORKER_JOBS)" in line
+        for line in restarts
+    ), "\n".join(restarts)
 
 
 async def test_run_with_a_worker_shuts_down_gracefully(db_url: str, tmp_path: Path) -> None:

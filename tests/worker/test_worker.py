@@ -9,6 +9,8 @@ import psycopg
 from procs import all_finished, running, start_worker, stop, wait_for
 from psycopg.rows import dict_row
 
+from qdworker.testing import drop_notifications
+
 JOBS = "SELECT * FROM worker_jobs ORDER BY id"
 
 
@@ -131,8 +133,10 @@ def test_hurry_signal_after_sigterm_cancels_at_once(jobs_db: str) -> None:
 
 
 def test_poll_finds_jobs_when_notify_is_lost(jobs_db: str) -> None:
-    sql(jobs_db, "ALTER TABLE worker_jobs DISABLE TRIGGER worker_jobs_notify_insert")
-    with running(start_worker(jobs_db, QDWORKER_POLL_INTERVAL="1")) as worker:
+    with (
+        drop_notifications(jobs_db),
+        running(start_worker(jobs_db, QDWORKER_POLL_INTERVAL="1")) as worker,
+    ):
         # A first job proves the worker is in its loop, so the second cannot be found by the
         # start-up claim: only the poll can find it.
         sql(jobs_db, "INSERT INTO worker_jobs (type) VALUES ('noop')")
