@@ -69,17 +69,13 @@ def main() -> None:
     with psycopg.connect(server, autocommit=True) as c:
         c.execute(f"DROP DATABASE IF EXISTS {DB} WITH (FORCE)")
         c.execute(f"CREATE DATABASE {DB}")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("QDWORKER_", "WORKER_"))}
-    env.update(
-        DATABASE_URL=url,
-        QDWORKER_JOBS="qdworker.benchmark.jobs",
-        QDWORKER_WS_PORT="0",
-        PYTHONPATH=str(ROOT),
-    )
-    env.update(kv.split("=", 1) for kv in args.env)
+    log = args.out / "supervisor.log"
+    log.unlink(missing_ok=True)
+    extra = dict(kv.split("=", 1) for kv in args.env)
+    sup = procs.Supervisor(url, log, PYTHONPATH=str(ROOT), **extra)  # the bench's supervisor
     subprocess.run(
         [sys.executable, "-m", "qdworker", "migrate"],
-        env=env,
+        env=sup.env,
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -94,14 +90,7 @@ def main() -> None:
         c.execute("ANALYZE worker_jobs")
         c.execute("CHECKPOINT")
         c.execute("SELECT pg_stat_statements_reset()")
-    log = open(args.out / "supervisor.log", "wb")  # noqa: SIM115  (lives as long as the child)
-    sup = subprocess.Popen(
-        [sys.executable, "-m", "qdworker", "run"],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    sup.start()
     worker = None
     while worker is None:
         kids = procs.children_of(sup.pid)
@@ -145,8 +134,7 @@ def main() -> None:
     worker_cpu = procs.cpu_seconds(worker)
     spy.send_signal(2)
     spy.wait(30)
-    sup.send_signal(15)
-    sup.wait(60)
+    sup.stop(timeout_s=60)
     seconds = float(last - first)
     print(
         f"drain {args.n} in {seconds:.3f} s = {args.n / seconds:,.0f} jobs/s; "

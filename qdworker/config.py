@@ -5,8 +5,9 @@ setting, ``QDWORKER_*`` otherwise) and one command-line flag; a flag overrides t
 variable. :func:`load` validates everything at once and raises :class:`~qdworker.errors.ConfigError`
 with one line naming the variable and the accepted values for the first bad one.
 
-The table :data:`SETTINGS` drives parsing, the CLI's ``--help`` and the README's table, so a
-setting is declared exactly once.
+Each setting is declared once, as a field of :class:`Config` (:func:`setting`); the table
+:data:`SETTINGS` derived from those fields drives parsing, the CLI's ``--help`` and the README's
+table.
 """
 
 from __future__ import annotations
@@ -152,176 +153,112 @@ class Setting:
         return (self.parse.__doc__ or "a valid value").strip()
 
 
-SETTINGS: tuple[Setting, ...] = (
-    Setting(
-        "database_url",
-        "DATABASE_URL",
-        _optional_text,
-        None,
-        "Postgres URL; unset: start the embedded Postgres in the data dir",
-    ),
-    Setting(
-        "worker_count",
-        "WORKER_COUNT",
-        _worker_count,
-        1,
-        "worker processes ('cpus' = one per CPU, 0 = none)",
-    ),
-    Setting(
-        "worker_log_level", "WORKER_LOG_LEVEL", _log_level, "info", "log level of worker processes"
-    ),
-    Setting("log_level", "LOG_LEVEL", _log_level, "info", "log level of the supervisor"),
-    Setting("log_format", "QDWORKER_LOG_FORMAT", _log_format, "text", "log line format"),
-    Setting(
-        "jobs",
-        "QDWORKER_JOBS",
-        _list,
-        (),
-        "modules to import in every worker (their @job types are registered)",
-    ),
-    Setting(
-        "data_dir",
-        "QDWORKER_DATA_DIR",
-        _path,
-        Path(".qdworker"),
-        "data folder of the embedded Postgres",
-    ),
-    Setting(
-        "migrate", "QDWORKER_MIGRATE", _bool, True, "apply migrations when the supervisor starts"
-    ),
-    Setting(
-        "concurrency",
-        "QDWORKER_CONCURRENCY",
-        _int_at_least(1),
-        10,
-        "jobs run at once by each worker process",
-    ),
-    Setting(
-        "poll_interval",
-        "QDWORKER_POLL_INTERVAL",
-        _positive_float,
-        5.0,
-        "seconds between safety-net polls when no NOTIFY arrives",
-    ),
-    Setting(
-        "lease_seconds",
-        "QDWORKER_LEASE_SECONDS",
-        _positive_float,
-        30.0,
-        "lease of a running job; renewed while its worker lives",
-    ),
-    Setting(
-        "shutdown_timeout",
-        "QDWORKER_SHUTDOWN_TIMEOUT",
-        _positive_float,
-        30.0,
-        "seconds running jobs get to finish on SIGINT/SIGTERM",
-    ),
-    Setting(
-        "max_lost_runs",
-        "QDWORKER_MAX_LOST_RUNS",
-        _int_at_least(1),
-        3,
-        "runs of a job lost with their worker before it fails, when it has no max_attempts",
-    ),
-    Setting("timezone", "QDWORKER_TIMEZONE", _timezone, "UTC", "time zone of cron schedules"),
-    Setting(
-        "db_timeout",
-        "QDWORKER_DB_TIMEOUT",
-        _positive_float,
-        10.0,
-        "seconds after which a silent database connection counts as dead (keepalives, "
-        "tcp_user_timeout) and qdworker's own statements time out",
-    ),
-    Setting(
-        "startup_timeout",
-        "QDWORKER_STARTUP_TIMEOUT",
-        _non_negative_float,
-        10.0,
-        "seconds the supervisor waits for the database at start before it exits with an error",
-    ),
-    Setting(
-        "unknown_type_timeout",
-        "QDWORKER_UNKNOWN_TYPE_TIMEOUT",
-        _positive_float,
-        600.0,
-        "seconds a due job waits for a live worker that knows its type before it fails "
-        "with UnknownJobType",
-    ),
-    Setting("ws_enabled", "QDWORKER_WS", _bool, True, "run the websocket server"),
-    Setting("ws_host", "QDWORKER_WS_HOST", _text, "127.0.0.1", "websocket server address"),
-    Setting(
-        "ws_port",
-        "QDWORKER_WS_PORT",
-        _port,
-        DEFAULT_WS_PORT,
-        "websocket server port (0 = any free port, logged)",
-    ),
-    Setting(
-        "ws_secret",
-        "QDWORKER_WS_SECRET",
-        _optional_text,
-        None,
-        "HS256 secret of websocket tokens; unset = development mode (loopback, all admin)",
-        flag_allowed=False,
-    ),
-    Setting(
-        "ws_origins",
-        "QDWORKER_WS_ORIGINS",
-        _list,
-        (),
-        "allowed Origin headers of websocket clients (empty = any)",
-    ),
-    Setting(
-        "ws_max_total_connections",
-        "SOCKET_MAX_TOTAL_CONNECTIONS",
-        _int_at_least(1),
-        10000,
-        "websocket connections in all",
-    ),
-    Setting(
-        "ws_max_connections_per_user",
-        "SOCKET_MAX_CONNECTIONS_PER_USER",
-        _int_at_least(1),
-        5,
-        "websocket connections per user",
-    ),
-)
-
-_BY_FIELD = {s.field: s for s in SETTINGS}
+def setting(
+    env: str,
+    parse: Callable[[str], Any],
+    default: Any,
+    help: str,
+    *,
+    flag: bool = True,
+    repr: bool = True,
+) -> Any:
+    """Declare a :class:`Config` field as a setting: its environment variable, parser (whose
+    docstring says what it accepts), default and help; ``flag=False`` for secrets (a flag
+    would show in ``ps``), ``repr=False`` to keep it out of ``repr()``."""
+    return field(
+        default=default,
+        repr=repr,
+        metadata={"env": env, "parse": parse, "help": help, "flag": flag},
+    )
 
 
 @dataclass(frozen=True)
 class Config:
-    """Every setting of a qdworker process. Build it with :func:`load`; never mutate it.
+    """Every setting of a qdworker process, each declared once, here: its type, default,
+    environment variable, parser and help. Build it with :func:`load`; never mutate it.
 
     ``repr()`` hides the database URL's password and the websocket secret.
     """
 
-    database_url: str | None = field(default=None, repr=False)
-    worker_count: int = 1
-    worker_log_level: str = "info"
-    log_level: str = "info"
-    log_format: str = "text"
-    jobs: tuple[str, ...] = ()
-    data_dir: Path = Path(".qdworker")
-    migrate: bool = True
-    concurrency: int = 10
-    poll_interval: float = 5.0
-    lease_seconds: float = 30.0
-    shutdown_timeout: float = 30.0
-    max_lost_runs: int = 3
-    timezone: str = "UTC"
-    db_timeout: float = 10.0
-    startup_timeout: float = 10.0
-    unknown_type_timeout: float = 600.0
-    ws_enabled: bool = True
-    ws_host: str = "127.0.0.1"
-    ws_port: int = DEFAULT_WS_PORT
-    ws_secret: str | None = field(default=None, repr=False)
-    ws_origins: tuple[str, ...] = ()
-    ws_max_total_connections: int = 10000
-    ws_max_connections_per_user: int = 5
+    # fmt: off
+    database_url: str | None = setting(
+        "DATABASE_URL", _optional_text, None,
+        "Postgres URL; unset: start the embedded Postgres in the data dir", repr=False,
+    )
+    worker_count: int = setting(
+        "WORKER_COUNT", _worker_count, 1, "worker processes ('cpus' = one per CPU, 0 = none)",
+    )
+    worker_log_level: str = setting(
+        "WORKER_LOG_LEVEL", _log_level, "info", "log level of worker processes",
+    )
+    log_level: str = setting("LOG_LEVEL", _log_level, "info", "log level of the supervisor")
+    log_format: str = setting("QDWORKER_LOG_FORMAT", _log_format, "text", "log line format")
+    jobs: tuple[str, ...] = setting(
+        "QDWORKER_JOBS", _list, (),
+        "modules to import in every worker (their @job types are registered)",
+    )
+    data_dir: Path = setting(
+        "QDWORKER_DATA_DIR", _path, Path(".qdworker"), "data folder of the embedded Postgres",
+    )
+    migrate: bool = setting(
+        "QDWORKER_MIGRATE", _bool, True, "apply migrations when the supervisor starts",
+    )
+    concurrency: int = setting(
+        "QDWORKER_CONCURRENCY", _int_at_least(1), 10, "jobs run at once by each worker process",
+    )
+    poll_interval: float = setting(
+        "QDWORKER_POLL_INTERVAL", _positive_float, 5.0,
+        "seconds between safety-net polls when no NOTIFY arrives",
+    )
+    lease_seconds: float = setting(
+        "QDWORKER_LEASE_SECONDS", _positive_float, 30.0,
+        "lease of a running job; renewed while its worker lives",
+    )
+    shutdown_timeout: float = setting(
+        "QDWORKER_SHUTDOWN_TIMEOUT", _positive_float, 30.0,
+        "seconds running jobs get to finish on SIGINT/SIGTERM",
+    )
+    max_lost_runs: int = setting(
+        "QDWORKER_MAX_LOST_RUNS", _int_at_least(1), 3,
+        "runs of a job lost with their worker before it fails, when it has no max_attempts",
+    )
+    timezone: str = setting("QDWORKER_TIMEZONE", _timezone, "UTC", "time zone of cron schedules")
+    db_timeout: float = setting(
+        "QDWORKER_DB_TIMEOUT", _positive_float, 10.0,
+        "seconds after which a silent database connection counts as dead (keepalives, "
+        "tcp_user_timeout) and qdworker's own statements time out",
+    )
+    startup_timeout: float = setting(
+        "QDWORKER_STARTUP_TIMEOUT", _non_negative_float, 10.0,
+        "seconds the supervisor waits for the database at start before it exits with an error",
+    )
+    unknown_type_timeout: float = setting(
+        "QDWORKER_UNKNOWN_TYPE_TIMEOUT", _positive_float, 600.0,
+        "seconds a due job waits for a live worker that knows its type before it fails "
+        "with UnknownJobType",
+    )
+    ws_enabled: bool = setting("QDWORKER_WS", _bool, True, "run the websocket server")
+    ws_host: str = setting("QDWORKER_WS_HOST", _text, "127.0.0.1", "websocket server address")
+    ws_port: int = setting(
+        "QDWORKER_WS_PORT", _port, DEFAULT_WS_PORT,
+        "websocket server port (0 = any free port, logged)",
+    )
+    ws_secret: str | None = setting(
+        "QDWORKER_WS_SECRET", _optional_text, None,
+        "HS256 secret of websocket tokens; unset = development mode (loopback, all admin)",
+        flag=False, repr=False,
+    )
+    ws_origins: tuple[str, ...] = setting(
+        "QDWORKER_WS_ORIGINS", _list, (),
+        "allowed Origin headers of websocket clients (empty = any)",
+    )
+    ws_max_total_connections: int = setting(
+        "SOCKET_MAX_TOTAL_CONNECTIONS", _int_at_least(1), 10000, "websocket connections in all",
+    )
+    ws_max_connections_per_user: int = setting(
+        "SOCKET_MAX_CONNECTIONS_PER_USER", _int_at_least(1), 5, "websocket connections per user",
+    )
+    # fmt: on
 
     def __repr__(self) -> str:
         shown = ", ".join(
@@ -348,6 +285,22 @@ class Config:
             else:
                 env[setting.env] = str(value)
         return env
+
+
+#: The settings, in declaration order: they drive parsing, the CLI's flags and ``--help``, and
+#: the README's table.
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(
+        f.name,
+        f.metadata["env"],
+        f.metadata["parse"],
+        f.default,
+        f.metadata["help"],
+        f.metadata["flag"],
+    )
+    for f in dataclasses.fields(Config)
+)
+_BY_FIELD = {s.field: s for s in SETTINGS}
 
 
 def load(

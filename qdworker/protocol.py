@@ -1,37 +1,34 @@
-"""Length-prefixed JSON frames between the supervisor and its worker children.
+"""What the supervisor and its worker processes say to each other: one definition of the
+IPC frame format, the message kinds and their shapes, and the job event (in the IPC form and
+in the form websocket clients get).
 
-Wire format: each frame is a 4-byte big-endian unsigned length followed by
-exactly that many bytes of UTF-8 encoded JSON.  The JSON value must be an
-object with a string ``"kind"`` member.  Kinds in use:
+**Frames.** Each frame is a 4-byte big-endian unsigned length followed by exactly that many
+bytes of UTF-8 JSON: an object with a string ``"kind"``. At most :data:`MAX_FRAME_BYTES`.
 
-``worker-started`` / ``worker-shutdown`` / ``worker-error`` / ``heartbeat``
-    lifecycle messages (free-form extra members, e.g. ``pid``, ``error``).
-``send-to-user``
-    ``{"kind": "send-to-user", "user_id": 7, "message": {...}}``
-``broadcast``
-    ``{"kind": "broadcast", "message": {...}}``
-``job-events``
-    ``{"kind": "job-events", "events": [{...}, ...]}`` -- one frame carries a
-    whole completion batch; see :mod:`qdworker.events.hub` for the event shape.
+* :func:`send` raises :class:`FrameTooLargeError` (before writing anything) when the encoded
+  message exceeds the frame limit, and :class:`ValueError` for messages that cannot be encoded
+  (no ``kind``, NaN, non-JSON values). Stream errors from ``send_all`` propagate unchanged.
+* :func:`frames` never raises because of what the peer sent: malformed and oversized frames
+  are logged (warning, truncated) and dropped, and the reader carries on with the next frame.
+  ``trio.BrokenResourceError`` and ``trio.ClosedResourceError`` end the iteration like EOF
+  does; any other stream error propagates.
+* Memory is bounded on both sides: the reader never holds more than one maximum-size frame
+  plus one receive chunk; oversized frames are skipped in fixed-size chunks.
+* Neither side is safe for concurrent use of one stream from several tasks: use a single
+  sender task (or a ``trio.Lock``) per stream.
 
-Error behaviour:
+**Kinds** (worker to supervisor unless noted):
 
-* :func:`send` raises :class:`FrameTooLargeError` (before writing anything)
-  when the encoded message exceeds the frame limit, and :class:`ValueError`
-  for messages that cannot be encoded (no ``kind``, NaN, non-JSON values).
-  Stream errors from ``send_all`` propagate unchanged.
-* :func:`frames` never raises because of what the peer sent: malformed and
-  oversized frames are logged (warning, truncated) and dropped, and the
-  reader carries on with the next frame.  ``trio.BrokenResourceError`` and
-  ``trio.ClosedResourceError`` end the iteration like EOF does; any other
-  stream error propagates.
-
-Memory is bounded on both sides: the reader never holds more than one
-maximum-size frame plus one receive chunk, and oversized frames are skipped
-in fixed-size chunks without being buffered.
-
-Neither side is safe for concurrent use of the same stream from several
-tasks: use a single sender task (or a ``trio.Lock``) per stream.
+=====================  ==========================================================================
+``worker-started``     ``{"worker_id", "pid"}``: the worker is ready
+``heartbeat``          ``{"running", "completed", "failed", "claimed"}``, every second
+``worker-shutdown``    ``{"worker_id", "exit_code"}``: it is stopping
+``worker-error``       ``{"error"}``: why it cannot start (before it exits)
+``send-to-user``       ``{"user_id", "message"}``: for that user's websocket clients
+``broadcast``          ``{"message"}``: for every websocket client
+``job-events``         ``{"events": [event, ...]}``: see :func:`job_event`
+``events``             supervisor to worker: ``{"wanted": bool}``, whether anyone wants job events
+=====================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -42,21 +39,12 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
 from typing import Any, Final
 
 import trio
 
-__all__ = [
-    "DEFAULT_IPC_FD_ENV_VAR",
-    "MAX_FRAME_BYTES",
-    "FrameTooLargeError",
-    "child_stream_from_env",
-    "encode_frame",
-    "frames",
-    "ipc_env",
-    "send",
-    "socketpair",
-]
+from .model import Job
 
 logger = logging.getLogger(__name__)
 
@@ -261,3 +249,94 @@ def child_stream_from_env(env_var: str = DEFAULT_IPC_FD_ENV_VAR) -> trio.SocketS
         sock.detach()
         raise RuntimeError(f"{env_var}={fd} is not a stream socket")
     return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+
+
+# --------------------------------------------------------------------------- messages
+
+WORKER_STARTED: Final = "worker-started"
+HEARTBEAT: Final = "heartbeat"
+WORKER_SHUTDOWN: Final = "worker-shutdown"
+WORKER_ERROR: Final = "worker-error"
+SEND_TO_USER: Final = "send-to-user"
+BROADCAST: Final = "broadcast"
+JOB_EVENTS: Final = "job-events"
+EVENTS_WANTED: Final = "events"
+#: Messages about a worker's own life; the supervisor keeps them (the others are routed on).
+LIFECYCLE_KINDS: Final = frozenset({WORKER_STARTED, HEARTBEAT, WORKER_SHUTDOWN, WORKER_ERROR})
+#: Largest message a job may send to users, as JSON (the relay and SQL functions agree).
+MAX_MESSAGE_BYTES: Final = 64 * 1024
+
+
+def check_message(message: Any) -> None:
+    """Raise ``TypeError`` unless ``message`` (for users' websocket clients) is a JSON object,
+    ``ValueError`` if it is not JSON or larger than :data:`MAX_MESSAGE_BYTES` as JSON."""
+    if not isinstance(message, Mapping):
+        raise TypeError("a user message must be a JSON object, e.g. {'type': ..., 'data': ...}")
+    size = len(json.dumps(message, allow_nan=False))
+    if size > MAX_MESSAGE_BYTES:
+        raise ValueError(f"message is {size} bytes as JSON; the limit is {MAX_MESSAGE_BYTES}")
+
+
+def worker_started(worker_id: str, pid: int) -> dict[str, Any]:
+    return {"kind": WORKER_STARTED, "worker_id": worker_id, "pid": pid}
+
+
+def heartbeat(*, running: int, completed: int, failed: int, claimed: int) -> dict[str, Any]:
+    return {
+        "kind": HEARTBEAT,
+        "running": running,
+        "completed": completed,
+        "failed": failed,
+        "claimed": claimed,
+    }
+
+
+def worker_shutdown(worker_id: str, exit_code: int) -> dict[str, Any]:
+    return {"kind": WORKER_SHUTDOWN, "worker_id": worker_id, "exit_code": exit_code}
+
+
+def worker_error(error: str) -> dict[str, Any]:
+    return {"kind": WORKER_ERROR, "error": error}
+
+
+def send_to_user(user_id: int, message: Mapping[str, Any]) -> dict[str, Any]:
+    return {"kind": SEND_TO_USER, "user_id": user_id, "message": message}
+
+
+def broadcast(message: Mapping[str, Any]) -> dict[str, Any]:
+    return {"kind": BROADCAST, "message": message}
+
+
+def job_events(events: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"kind": JOB_EVENTS, "events": events}
+
+
+def events_wanted(wanted: bool) -> dict[str, Any]:
+    return {"kind": EVENTS_WANTED, "wanted": wanted}
+
+
+# --------------------------------------------------------------------------- job events
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()
+
+
+def job_event(
+    event: str, job: Job, *, finished: datetime | None = None, successor_id: int | None = None
+) -> dict[str, Any]:
+    """A job event as workers send it (snake_case; :func:`job_event_for_client` gives the
+    clients' form). ``event`` is ``started``, ``succeeded``, ``failed``, ``timed_out``,
+    ``cancelled`` or ``rescheduled`` (with ``successor_id``). Never carries data or result."""
+    return {
+        "event": event,
+        "id": job.id,
+        "tag": job.tag,
+        "type": job.type,
+        "user_id": job.user_id,
+        "attempt": job.attempt,
+        "due": _iso(job.due),
+        "started": _iso(job.started),
+        "finished": _iso(finished),
+        "successor_id": successor_id,
+    }

@@ -14,20 +14,50 @@
 Worker processes import the modules named by ``QDWORKER_JOBS`` (or ``--jobs``); importing
 registers their types. Registering a second, different handler under a taken name raises
 :class:`~qdworker.errors.JobTypeError` naming both.
+
+A job module may also declare what every supervisor ensures at start (supervisors import the
+same modules for that, and never name one): cron jobs, with :func:`cron`, and start-up work,
+with :func:`on_startup`::
+
+    cron("watchChain", "*/3 * * * * *", retry_delay_ms=10_000)
+
+    @on_startup
+    async def submit_deploy(db, timezone):   # db: a Database (execute), timezone: str
+        await db.execute("INSERT INTO worker_jobs ...")
+
+Handlers are typed against :class:`Context`, the protocol the worker's context implements.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from .errors import JobTypeError
+from .model import Job
 
-__all__ = ["JobType", "Runtime", "get", "import_modules", "job", "registered"]
+__all__ = [
+    "Context",
+    "ContextDatabase",
+    "CronJob",
+    "Database",
+    "JobType",
+    "Runtime",
+    "StartupHook",
+    "cron",
+    "cron_jobs",
+    "get",
+    "import_modules",
+    "job",
+    "on_startup",
+    "registered",
+    "startup_hooks",
+]
 
 Runtime = Literal["trio", "thread", "asyncio"]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -35,6 +65,63 @@ F = TypeVar("F", bound=Callable[..., Any])
 MAX_TYPE_CHARS = 255
 
 _types: dict[str, JobType] = {}
+
+
+class Database(Protocol):
+    """SQL on the job's database (``ctx.db``, and a start-up hook's ``db``)."""
+
+    async def execute(self, sql: str, params: Any = None, /) -> list[dict[str, Any]]: ...
+
+
+class ContextDatabase(Database, Protocol):
+    """``ctx.db``: SQL on the job's database, and its URL for a connection of one's own."""
+
+    @property
+    def url(self) -> str: ...
+
+
+class Context(Protocol):
+    """What a handler gets (the worker's ``JobContext`` implements it; so does the context of
+    ``runtime="asyncio"`` handlers, whose coroutines are asyncio's)."""
+
+    job: Job
+    worker_id: str
+
+    @property
+    def db(self) -> ContextDatabase: ...
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]: ...
+
+    async def notify_user(self, user_id: int, message: Mapping[str, Any]) -> None: ...
+
+    async def broadcast(self, message: Mapping[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class CronJob:
+    """A cron job a job module declares: supervisors ensure one live row of its chain.
+    ``module`` is the declaring module's name."""
+
+    type: str
+    schedule: str
+    retry_delay_ms: int
+    module: str = ""
+
+    @property
+    def tag(self) -> str:
+        return f"cron:{self.type}"
+
+
+#: ``hook(db, timezone)``: start-up work a job module declares (run by every supervisor).
+StartupHook = Callable[[Database, str], Awaitable[None]]
+
+_cron_jobs: dict[str, CronJob] = {}
+_startup_hooks: list[StartupHook] = []
+
+
+def _declared_in(module: str, modules: Iterable[str]) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in modules)
 
 
 @dataclass(frozen=True)
@@ -81,6 +168,37 @@ def job(
         return fn
 
     return register
+
+
+def cron(type: str, schedule: str, *, retry_delay_ms: int) -> CronJob:
+    """Declare a cron job of type ``type`` (6 fields, seconds first, or 5), retried after
+    ``retry_delay_ms`` on failure: supervisors ensure it at start (tag ``cron:<type>``). The
+    calling module is its declarer (see :func:`cron_jobs`)."""
+    caller = inspect.currentframe()
+    module = str(caller.f_back.f_globals.get("__name__", "")) if caller and caller.f_back else ""
+    declared = CronJob(type, schedule, retry_delay_ms, module)
+    _cron_jobs[type] = declared
+    return declared
+
+
+def on_startup(hook: StartupHook) -> StartupHook:
+    """Declare start-up work (a coroutine ``hook(db, timezone)``) every supervisor runs once
+    the schema is up to date; it must be safe to run again and from several supervisors."""
+    if hook not in _startup_hooks:
+        _startup_hooks.append(hook)
+    return hook
+
+
+def cron_jobs(modules: Iterable[str]) -> tuple[CronJob, ...]:
+    """The cron jobs declared by ``modules`` (or modules inside those packages)."""
+    names = tuple(modules)
+    return tuple(c for c in _cron_jobs.values() if _declared_in(c.module, names))
+
+
+def startup_hooks(modules: Iterable[str]) -> tuple[StartupHook, ...]:
+    """The start-up hooks declared by ``modules`` (or modules inside those packages)."""
+    names = tuple(modules)
+    return tuple(h for h in _startup_hooks if _declared_in(h.__module__, names))
 
 
 def get(name: str) -> JobType | None:

@@ -19,8 +19,7 @@ def _bench(db_url: str, *args: str) -> list[dict]:
     env["DATABASE_URL"] = db_url  # the bench makes (and drops) its scratch database on this server
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        # `python -m qdworker.benchmark ARGS` is `python -m qdworker bench ARGS`, also while
-        # qdworker.cli does not list the plugin module yet.
+        # `python -m qdworker.benchmark ARGS` is `python -m qdworker bench ARGS`.
         [sys.executable, "-m", "qdworker.benchmark", "--json", *args],
         env=env,
         capture_output=True,

@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from qdworker.supervisor import ipc
+from qdworker import protocol
 
 SMALL_MAX = 4096
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -42,13 +42,13 @@ async def collect(data: bytes, *, max_frame_bytes: int = SMALL_MAX, chunk: int =
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
         with trio.fail_after(10):
-            async for msg in ipc.frames(recv, max_frame_bytes=max_frame_bytes):
+            async for msg in protocol.frames(recv, max_frame_bytes=max_frame_bytes):
                 out.append(msg)
     return out
 
 
 async def test_round_trip_over_socketpair() -> None:
-    parent, child_sock = ipc.socketpair()
+    parent, child_sock = protocol.socketpair()
     child = trio.SocketStream(trio.socket.from_stdlib_socket(child_sock))
     messages: list[dict[str, Any]] = [
         {"kind": "worker-started", "pid": 123},
@@ -67,33 +67,33 @@ async def test_round_trip_over_socketpair() -> None:
 
         async def produce() -> None:
             for m in messages:
-                await ipc.send(child, m)
+                await protocol.send(child, m)
             await child.send_eof()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(produce)
             with trio.fail_after(10):
-                async for msg in ipc.frames(parent):
+                async for msg in protocol.frames(parent):
                     received.append(msg)
     assert received == messages
 
 
 async def test_send_rejects_oversized_and_invalid() -> None:
     send, recv = trio.testing.memory_stream_one_way_pair()
-    with pytest.raises(ipc.FrameTooLargeError):
-        await ipc.send(send, {"kind": "broadcast", "message": {"x": "y" * 100}}, max_frame_bytes=50)
-    with pytest.raises(ipc.FrameTooLargeError):
-        await ipc.send(send, {"kind": "b", "x": "y" * ipc.MAX_FRAME_BYTES})
+    with pytest.raises(protocol.FrameTooLargeError):
+        await protocol.send(send, {"kind": "broadcast", "message": {"x": "y" * 100}}, max_frame_bytes=50)
+    with pytest.raises(protocol.FrameTooLargeError):
+        await protocol.send(send, {"kind": "b", "x": "y" * protocol.MAX_FRAME_BYTES})
     with pytest.raises(TypeError):
-        await ipc.send(send, {"message": 1})
+        await protocol.send(send, {"message": 1})
     with pytest.raises(ValueError):
-        await ipc.send(send, {"kind": "x", "v": float("nan")})
+        await protocol.send(send, {"kind": "x", "v": float("nan")})
     with pytest.raises(ValueError):
-        await ipc.send(send, {"kind": "x", "v": object()})
+        await protocol.send(send, {"kind": "x", "v": object()})
     # Nothing was written by the failed sends: the stream is still clean.
-    await ipc.send(send, {"kind": "heartbeat"})
+    await protocol.send(send, {"kind": "heartbeat"})
     await send.aclose()
-    assert [m async for m in ipc.frames(recv)] == [{"kind": "heartbeat"}]
+    assert [m async for m in protocol.frames(recv)] == [{"kind": "heartbeat"}]
 
 
 async def test_malformed_frames_are_dropped(caplog: pytest.LogCaptureFixture) -> None:
@@ -108,7 +108,7 @@ async def test_malformed_frames_are_dropped(caplog: pytest.LogCaptureFixture) ->
         frame(b"[" * 100_0 + b"]" * 100_0),
     ]
     data = valid(0) + b"".join(b + valid(i + 1) for i, b in enumerate(bad))
-    with caplog.at_level(logging.WARNING, logger=ipc.__name__):
+    with caplog.at_level(logging.WARNING, logger=protocol.__name__):
         out = await collect(data)
     assert [m["n"] for m in out] == list(range(len(bad) + 1))
     assert sum("dropping IPC frame" in r.getMessage() for r in caplog.records) == len(bad)
@@ -120,9 +120,9 @@ async def test_oversized_frame_is_skipped() -> None:
     data = valid(1) + frame(big) + valid(2) + frame(b"y" * (SMALL_MAX + 1)) + valid(3)
     assert [m["n"] for m in await collect(data)] == [1, 2, 3]
     # Same with the real limit and a > 1 MiB frame.
-    huge = frame(json.dumps({"kind": "b", "x": "z" * ipc.MAX_FRAME_BYTES}).encode())
+    huge = frame(json.dumps({"kind": "b", "x": "z" * protocol.MAX_FRAME_BYTES}).encode())
     out = await collect(
-        valid(1) + huge + valid(2), max_frame_bytes=ipc.MAX_FRAME_BYTES, chunk=65536
+        valid(1) + huge + valid(2), max_frame_bytes=protocol.MAX_FRAME_BYTES, chunk=65536
     )
     assert [m["n"] for m in out] == [1, 2]
 
@@ -164,45 +164,45 @@ async def test_fuzz_random_bytes_never_raise() -> None:
 
 
 async def test_broken_and_closed_streams_end_iteration() -> None:
-    parent, child_sock = ipc.socketpair()
+    parent, child_sock = protocol.socketpair()
     child_sock.close()
     async with parent:
         with trio.fail_after(5):
-            assert [m async for m in ipc.frames(parent)] == []
+            assert [m async for m in protocol.frames(parent)] == []
     # Reading from a stream we closed ourselves ends the iterator too.
     with trio.fail_after(5):
-        assert [m async for m in ipc.frames(parent)] == []
+        assert [m async for m in protocol.frames(parent)] == []
 
 
 def test_child_stream_from_env_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("QDWORKER_TEST_FD", raising=False)
     with pytest.raises(RuntimeError):
-        ipc.child_stream_from_env("QDWORKER_TEST_FD")
+        protocol.child_stream_from_env("QDWORKER_TEST_FD")
     monkeypatch.setenv("QDWORKER_TEST_FD", "nope")
     with pytest.raises(RuntimeError):
-        ipc.child_stream_from_env("QDWORKER_TEST_FD")
+        protocol.child_stream_from_env("QDWORKER_TEST_FD")
 
 
 CHILD_SCRIPT = """
 import trio
-from qdworker.supervisor import ipc
+from qdworker import protocol
 
 async def main():
-    stream = ipc.child_stream_from_env()
+    stream = protocol.child_stream_from_env()
     async with stream:
-        await ipc.send(stream, {"kind": "worker-started", "pid": 1})
-        async for msg in ipc.frames(stream):
-            await ipc.send(stream, {"kind": "heartbeat", "echo": msg})
+        await protocol.send(stream, {"kind": "worker-started", "pid": 1})
+        async for msg in protocol.frames(stream):
+            await protocol.send(stream, {"kind": "heartbeat", "echo": msg})
             break
-        await ipc.send(stream, {"kind": "worker-shutdown"})
+        await protocol.send(stream, {"kind": "worker-shutdown"})
 
 trio.run(main)
 """
 
 
 async def test_child_process_round_trip() -> None:
-    parent, child_sock = ipc.socketpair()
-    env = {**os.environ, **ipc.ipc_env(child_sock)}
+    parent, child_sock = protocol.socketpair()
+    env = {**os.environ, **protocol.ipc_env(child_sock)}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     received: list[dict[str, Any]] = []
     async with parent, trio.open_nursery() as nursery:
@@ -218,10 +218,10 @@ async def test_child_process_round_trip() -> None:
         )
         child_sock.close()
         with trio.fail_after(30):
-            async for msg in ipc.frames(parent):
+            async for msg in protocol.frames(parent):
                 received.append(msg)
                 if msg["kind"] == "worker-started":
-                    await ipc.send(parent, {"kind": "broadcast", "message": {"a": 1}})
+                    await protocol.send(parent, {"kind": "broadcast", "message": {"a": 1}})
         assert proc.pid > 0
     assert [m["kind"] for m in received] == ["worker-started", "heartbeat", "worker-shutdown"]
     assert received[1]["echo"] == {"kind": "broadcast", "message": {"a": 1}}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 
 from .. import cli
-from . import cli as _bench_cli  # noqa: F401  (registers "bench")
 
 if __name__ == "__main__":
     sys.exit(cli.main(["bench", *sys.argv[1:]]))

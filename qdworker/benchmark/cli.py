@@ -1,4 +1,4 @@
-"""The ``bench`` subcommand: registers itself with :mod:`qdworker.cli` on import."""
+"""The ``bench`` subcommand (:data:`COMMAND`, listed by :mod:`qdworker.cli`)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import Command, register
+from ..cli._command import Command
 from ..config import Config
 from .workloads import ALL_WORKLOADS, Bench, Options, dumps, render_table
 
-__all__ = ["add_arguments", "handler"]
+__all__ = ["COMMAND", "add_arguments", "handler"]
 
 
 def _workloads(text: str) -> tuple[str, ...]:
@@ -118,9 +118,9 @@ def handler(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-register(
+COMMAND = Command(
     "bench",
-    Command(
-        "measure drain, enqueue, wake-up, steady state, scaling and cost", add_arguments, handler
-    ),
+    "measure drain, enqueue, wake-up, steady state, scaling and cost",
+    add_arguments,
+    handler,
 )

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import time
 
-from ..registry import job
-from ..worker.context import JobContext
+from ..registry import Context, job
 
 __all__ = ["NOOP"]
 
@@ -18,6 +17,6 @@ NOOP = "qdworker.bench.noop"
 
 
 @job(NOOP)
-async def noop(ctx: JobContext) -> float:
+async def noop(ctx: Context) -> float:
     del ctx
     return time.time()

@@ -19,6 +19,8 @@ import psycopg
 from psycopg.rows import RowMaker
 
 from ..model import COLUMNS, Job
+from ..registry import CronJob
+from ..schedule import cron
 from . import statements
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "cancel_job",
     "claim",
     "claim_next",
+    "ensure_cron_job",
     "fail_unknown_type",
     "finish",
     "forget_workers",
@@ -250,6 +253,25 @@ def fail_unknown_type(
 def forget_workers(raw: Raw, *, older_than_seconds: float) -> int:
     cur = raw.execute(statements.get("forget_workers"), {"older_than_seconds": older_than_seconds})
     return cur.rowcount
+
+
+def ensure_cron_job(raw: Raw, cron_job: CronJob, timezone: str) -> int | None:
+    """Insert ``cron_job``'s first row unless its chain has an unfinished one, under its
+    tag's lock (one transaction); returns the new row's id, or None."""
+    with raw.transaction():
+        raw.execute(statements.get("tag_lock"), {"tag": cron_job.tag})
+        now = _one(raw, "db_now")["now"]
+        inserted = raw.execute(
+            statements.get("insert_cron_if_absent"),
+            {
+                "tag": cron_job.tag,
+                "type": cron_job.type,
+                "due": cron.next_tick(cron_job.schedule, now, now, timezone),
+                "cron_schedule": cron_job.schedule,
+                "retry_delay_ms": cron_job.retry_delay_ms,
+            },
+        ).fetchone()
+    return None if inserted is None else int(inserted["id"])
 
 
 # ------------------------------------------------------------------------------- client

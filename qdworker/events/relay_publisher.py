@@ -26,6 +26,7 @@ from ..db import statements
 from ..db.connect import DbOptions
 from ..db.connection import Link
 from ..errors import DatabaseError
+from ..protocol import MAX_MESSAGE_BYTES
 
 __all__ = ["MAX_MESSAGE_BYTES", "MAX_PAYLOADS_PER_STATEMENT", "PAYLOAD_TARGET_BYTES", "Publisher"]
 
@@ -34,8 +35,6 @@ logger = logging.getLogger(__name__)
 PAYLOAD_TARGET_BYTES: Final = 7000
 """Coalesced NOTIFY payload size (Postgres refuses 8000 bytes or more)."""
 MAX_PAYLOADS_PER_STATEMENT: Final = 64
-MAX_MESSAGE_BYTES: Final = 64 * 1024
-"""Largest single message (or job event) forwarded; the SQL functions enforce the same."""
 LOG_INTERVAL_SECONDS: Final = 10.0
 """Minimum spacing of repeated warnings (drops)."""
 ERROR_PAUSE_SECONDS: Final = 1.0

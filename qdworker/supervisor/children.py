@@ -54,12 +54,12 @@ from typing import Any, Final
 
 import trio
 
+from .. import protocol
 from .._redact import redact
 from ..config import Config
 from ..db import store
 from ..db.connect import DbOptions
 from ..db.connection import Link
-from . import ipc
 
 __all__ = [
     "DEFAULT_WORKER_ARGV",
@@ -116,10 +116,6 @@ RELEASE_TIMEOUT_SECONDS: Final = 10.0
 MessageHandler = Callable[[str, Mapping[str, Any]], object]
 #: ``release(worker_id)``: end the leases of that worker's unfinished jobs; returns the count.
 ReleaseLeases = Callable[[str], Awaitable[int]]
-
-_LIFECYCLE_KINDS: Final = frozenset(
-    {"worker-started", "heartbeat", "worker-shutdown", "worker-error"}
-)
 
 
 def worker_id_prefix() -> str:
@@ -345,12 +341,12 @@ class Child:
         self._last_message = None
         self._kill_at = None
         self._hurried = False
-        parent_stream, child_sock = ipc.socketpair()
+        parent_stream, child_sock = protocol.socketpair()
         env = {
             **{k: v for k, v in os.environ.items() if k not in _CHILD_SECRETS},
             **{k: v for k, v in self._config.to_env().items() if k not in _CHILD_SECRETS},
             "DATABASE_URL": self._database_url,
-            **ipc.ipc_env(child_sock),
+            **protocol.ipc_env(child_sock),
             "QDWORKER_WORKER_ID": worker_id,
             **({"QDWORKER_SUPERVISOR_ID": self._supervisor_id} if self._supervisor_id else {}),
         }
@@ -424,7 +420,7 @@ class Child:
         try:
             while True:
                 wanted = self._interest.wanted
-                await ipc.send(stream, {"kind": "events", "wanted": wanted})
+                await protocol.send(stream, protocol.events_wanted(wanted))
                 if wanted == self._interest.wanted:
                     await self._interest.wait_changed()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -497,7 +493,7 @@ class Child:
     ) -> None:
         try:
             with scope:
-                messages = ipc.frames(stream)
+                messages = protocol.frames(stream)
                 try:
                     async for msg in messages:
                         self._handle(worker_id, msg)
@@ -511,20 +507,20 @@ class Child:
         if worker_id == self._worker_id:
             self._last_message = trio.current_time()
             self._message_seen.set()
-        if kind == "heartbeat":
+        if kind == protocol.HEARTBEAT:
             self._running = _count(msg.get("running"))
             self._claimed = _count(msg.get("claimed"))
             self._completed = _count(msg.get("completed"))
             self._failed = _count(msg.get("failed"))
-        elif kind == "worker-started":
+        elif kind == protocol.WORKER_STARTED:
             self._last_error = None
             logger.info("worker %s started (pid %s)", worker_id, msg.get("pid"))
-        elif kind == "worker-shutdown":
+        elif kind == protocol.WORKER_SHUTDOWN:
             logger.info("worker %s is shutting down", worker_id)
-        elif kind == "worker-error":
+        elif kind == protocol.WORKER_ERROR:
             self._last_error = str(msg.get("error"))[:500]
             logger.error("worker %s cannot start: %s", worker_id, self._last_error)
-        if kind in _LIFECYCLE_KINDS:
+        if kind in protocol.LIFECYCLE_KINDS:
             return
         try:
             self._on_message(worker_id, msg)

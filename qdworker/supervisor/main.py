@@ -48,16 +48,16 @@ from ..client import Queue
 from ..config import Config
 from ..db import embedded, migrate
 from ..db.connect import DbOptions
-from ..db.connection import Connection, connect, wait_until_reachable
+from ..db.connection import connect, wait_until_reachable
 from ..errors import ConfigError, EmbeddedDatabaseError
 from ..events import websocket
 from ..events.hub import Hub, HubStatistics
 from ..events.relay import Relay, RelayStatistics
-from ..jobs import builtin
 from ..model import Job
 from . import children as children_module
 from .children import Child, ChildStatistics, Interest, MessageHandler
 from .maintenance import run_maintenance
+from .startup import ensure_startup_jobs, load_job_modules
 
 __all__ = [
     "HEALTH_LOG_INTERVAL_SECONDS",
@@ -65,7 +65,6 @@ __all__ = [
     "SupervisorStatistics",
     "check_ws_settings",
     "embedded_database",
-    "ensure_startup_jobs",
     "serve",
 ]
 
@@ -73,9 +72,6 @@ logger = logging.getLogger(__name__)
 
 #: Interval of the one-line health summary (debug level).
 HEALTH_LOG_INTERVAL_SECONDS: Final = 30.0
-
-#: The optional web3 part: when it is among the job modules, its cron jobs are ensured too.
-WEB3_MODULE: Final = "qdworker.web3"
 
 
 @dataclass(frozen=True)
@@ -210,15 +206,6 @@ async def embedded_database(config: Config) -> AsyncIterator[str]:
             await trio.to_thread.run_sync(embedded.stop, server)
 
 
-async def ensure_startup_jobs(conn: Connection, config: Config) -> None:
-    """Ensure the built-in cron jobs, and those of optional parts named in ``config.jobs``."""
-    await builtin.ensure_builtin_jobs(conn, config.timezone)
-    if WEB3_MODULE in config.jobs:
-        from ..web3 import ensure_web3_jobs
-
-        await ensure_web3_jobs(conn, config.timezone)
-
-
 def _router(hub: Hub, relay: Relay, on_message: MessageHandler | None) -> MessageHandler:
     def route(worker_id: str, msg: Mapping[str, Any]) -> None:
         handled = hub.handle_ipc(worker_id, msg)
@@ -267,102 +254,100 @@ async def serve(
     ``OSError`` binding the websocket port) propagate before ``started``.
     """
     check_ws_settings(config)
+    modules = load_job_modules(config.jobs)
     stopped = trio.Event()
     try:
-        await _serve(config, on_message, worker_argv, health_interval, stopped, task_status)
+        async with embedded_database(config) as url:
+            options = DbOptions(config.db_timeout)
+            await _prepare_database(url, options, config, modules)
+            manager = _assemble(config, url, options, on_message, worker_argv, stopped)
+            try:
+                await _run(manager, options, health_interval, task_status)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await manager._close()
     finally:
         stopped.set()
 
 
-async def _serve(
+async def _prepare_database(
+    url: str, options: DbOptions, config: Config, modules: Sequence[str]
+) -> None:
+    """Wait for the database, migrate it, ensure the job modules' start-up jobs."""
+    await wait_until_reachable(url, options, config.startup_timeout)
+    conn = await connect(url, "supervisor", options, statement_timeout=False)
+    try:
+        if config.migrate:
+            applied = await migrate.apply(conn)
+            if applied:
+                logger.info("applied migrations %s", ", ".join(f"{v:04d}" for v in applied))
+            else:
+                logger.debug("schema is up to date")
+        await ensure_startup_jobs(conn, modules, config.timezone)
+    finally:
+        await conn.aclose()
+
+
+def _assemble(
     config: Config,
+    url: str,
+    options: DbOptions,
     on_message: MessageHandler | None,
     worker_argv: Sequence[str] | None,
-    health_interval: float,
     stopped: trio.Event,
+) -> Manager:
+    """The hub, the relay, the worker slots and the manager that holds them. The hub and relay
+    exist even without a websocket server here: other supervisors' clients may want this
+    one's events."""
+    hub = Hub()
+    supervisor_id = children_module.worker_id_prefix()
+    relay = Relay(url, hub, supervisor_id, options=options)
+    interest = Interest()
+
+    def refresh_interest() -> None:
+        interest.set(hub.client_count > 0 or relay.statistics().peers_with_clients > 0)
+
+    hub.on_clients_changed = relay.on_peers_changed = refresh_interest
+    route = _router(hub, relay, on_message)
+    argv = children_module.DEFAULT_WORKER_ARGV if worker_argv is None else tuple(worker_argv)
+    workers = [
+        Child(config, index=i, database_url=url, on_message=route, argv=argv,
+              id_prefix=supervisor_id, supervisor_id=supervisor_id, interest=interest)
+        for i in range(config.worker_count)
+    ]  # fmt: skip
+    return Manager(config, url, workers, hub, relay, stopped)
+
+
+async def _run(
+    manager: Manager,
+    options: DbOptions,
+    health_interval: float,
     task_status: trio.TaskStatus[Manager],
 ) -> None:
-    options = DbOptions(config.db_timeout)
-    async with embedded_database(config) as url:
-        await wait_until_reachable(url, options, config.startup_timeout)
-        conn = await connect(url, "supervisor", options, statement_timeout=False)
-        try:
-            if config.migrate:
-                applied = await migrate.apply(conn)
-                if applied:
-                    logger.info("applied migrations %s", ", ".join(f"{v:04d}" for v in applied))
-                else:
-                    logger.debug("schema is up to date")
-            await ensure_startup_jobs(conn, config)
-        finally:
-            await conn.aclose()
-
-        # The hub and relay run even without a websocket server here: other supervisors'
-        # clients may want this one's events.
-        hub = Hub()
-        supervisor_id = children_module.worker_id_prefix()
-        relay = Relay(url, hub, supervisor_id, options=options)
-        route = _router(hub, relay, on_message)
-        interest = Interest()
-
-        def refresh_interest() -> None:
-            interest.set(hub.client_count > 0 or relay.statistics().peers_with_clients > 0)
-
-        hub.on_clients_changed = relay.on_peers_changed = refresh_interest
-        argv = children_module.DEFAULT_WORKER_ARGV if worker_argv is None else tuple(worker_argv)
-        workers = [
-            Child(
-                config,
-                index=i,
-                database_url=url,
-                on_message=route,
-                argv=argv,
-                id_prefix=supervisor_id,
-                supervisor_id=supervisor_id,
-                interest=interest,
-            )
-            for i in range(config.worker_count)
-        ]
-        manager = Manager(config, url, workers, hub, relay, stopped)
-        try:
-            async with trio.open_nursery() as services:
-                await services.start(relay.run)
-                await services.start(
-                    partial(
-                        run_maintenance,
-                        url,
-                        options,
-                        unknown_type_timeout=config.unknown_type_timeout,
-                    )
-                )
-                if config.ws_enabled:
-                    manager.ws_port = await services.start(_websocket_service(config, hub))
-                async with trio.open_nursery() as nursery:
-                    for child in workers:
-                        await nursery.start(child.run)
-                    services.start_soon(_log_health, manager, health_interval)
-                    logger.info(
-                        "supervisor ready: %d worker(s)%s",
-                        len(workers),
-                        f", websocket on {config.ws_host}:{manager.ws_port}"
-                        if manager.ws_port is not None
-                        else "",
-                    )
-                    task_status.started(manager)
-                    await manager._shutdown_requested.wait()
-                    logger.info(
-                        "shutting down%s",
-                        " immediately"
-                        if manager._immediate
-                        else f" (running jobs get {config.shutdown_timeout:g} s)",
-                    )
-                    for child in workers:
-                        child.request_stop()
-                services.cancel_scope.cancel()
-            logger.info("supervisor stopped")
-        finally:
-            with trio.CancelScope(shield=True):
-                await manager._close()
+    """Run the services and the workers until a shutdown is requested."""
+    config = manager.config
+    async with trio.open_nursery() as services:
+        await services.start(manager.relay.run)
+        maintenance = partial(
+            run_maintenance, manager.url, options, unknown_type_timeout=config.unknown_type_timeout
+        )
+        await services.start(maintenance)
+        if config.ws_enabled:
+            manager.ws_port = await services.start(_websocket_service(config, manager.hub))
+        async with trio.open_nursery() as nursery:
+            for child in manager._children:
+                await nursery.start(child.run)
+            services.start_soon(_log_health, manager, health_interval)
+            ws = f", websocket on {config.ws_host}:{manager.ws_port}" if manager.ws_port else ""
+            logger.info("supervisor ready: %d worker(s)%s", len(manager._children), ws)
+            task_status.started(manager)
+            await manager._shutdown_requested.wait()
+            budget = f" (running jobs get {config.shutdown_timeout:g} s)"
+            logger.info("shutting down%s", " immediately" if manager._immediate else budget)
+            for child in manager._children:
+                child.request_stop()
+        services.cancel_scope.cancel()
+    logger.info("supervisor stopped")
 
 
 def _websocket_service(config: Config, hub: Hub) -> Any:

@@ -6,8 +6,9 @@ loading it: it validates the web3 settings (:mod:`.config`; a bad or missing val
 :class:`~qdworker.errors.ConfigError` with one line) and registers the two job types. The
 handlers run web3.py's ``AsyncWeb3`` through trio-asyncio (``runtime="asyncio"``).
 
-Apps register chain filters with :func:`chain_filter` (see :mod:`.filters`); supervisors call
-:func:`ensure_web3_jobs` at start (see :mod:`.startup`).
+Apps register chain filters with :func:`chain_filter` (see :mod:`.filters`). What supervisors
+ensure at start (the watchChain cron job, deployMulticall3) is declared through the registry,
+as any job module's (see :mod:`.startup`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ _config.current()  # fail now, with one line, if the settings are bad
 from . import multicall3, watch  # noqa: E402  (registers the job types)
 from .config import Chain, Web3Config, current  # noqa: E402
 from .filters import ChainFilter, ChainLog, chain_filter, registered_filters  # noqa: E402
-from .startup import WEB3_CRON_JOBS, ensure_web3_jobs  # noqa: E402
+from .startup import WATCH_CHAIN  # noqa: E402
 from .tx import ChainTransaction  # noqa: E402
 
 __all__ = [
-    "WEB3_CRON_JOBS",
+    "WATCH_CHAIN",
     "Chain",
     "ChainFilter",
     "ChainLog",
@@ -31,7 +32,6 @@ __all__ = [
     "Web3Config",
     "chain_filter",
     "current",
-    "ensure_web3_jobs",
     "multicall3",
     "registered_filters",
     "watch",

@@ -9,7 +9,7 @@ An app registers filters like job types, in a module named by ``QDWORKER_JOBS``:
             tx.notify_user(user_id, {...})                           # sent after commit
 
 The function is asyncio code (watchChain runs with ``runtime="asyncio"``): ``ctx`` is the job's
-:class:`~qdworker.worker.context.AsyncioJobContext`, ``logs`` the range's decoded logs in chain
+:class:`~qdworker.registry.Context` (asyncio coroutines), ``logs`` the range's decoded logs in chain
 order (only called when there is at least one), ``tx`` a
 :class:`~qdworker.web3.tx.ChainTransaction` bound to the transaction that also stores the
 range's progress. An exception from the function rolls the whole range back and fails the run
@@ -32,12 +32,12 @@ from hexbytes import HexBytes
 from ..errors import JobTypeError
 
 if TYPE_CHECKING:
-    from ..worker.context import JobContext
+    from ..registry import Context
     from .tx import ChainTransaction
 
 __all__ = ["ChainFilter", "ChainLog", "FilterFunction", "chain_filter", "registered_filters"]
 
-FilterFunction = Callable[["JobContext", "list[ChainLog]", "ChainTransaction"], Awaitable[None]]
+FilterFunction = Callable[["Context", "list[ChainLog]", "ChainTransaction"], Awaitable[None]]
 F = TypeVar("F", bound=FilterFunction)
 
 _filters: dict[str, ChainFilter] = {}

@@ -27,8 +27,7 @@ from hexbytes import HexBytes
 from web3 import AsyncHTTPProvider, AsyncWeb3
 from web3.types import TxParams
 
-from ..registry import job
-from ..worker.context import AsyncioJobContext
+from ..registry import Context, job
 from . import config
 from .client import ChainRpcError, check_chain_id, open_web3, rpc
 from .config import Chain
@@ -85,7 +84,7 @@ async def _wait_receipt(
 
 
 async def _fund_deployer(
-    ctx: AsyncioJobContext, w3: AsyncWeb3[AsyncHTTPProvider], chain: Chain, mc: Multicall3Info
+    ctx: Context, w3: AsyncWeb3[AsyncHTTPProvider], chain: Chain, mc: Multicall3Info
 ) -> str | None:
     """Send the deployer what it lacks; return the funding transaction hash (None if none)."""
     balance = int(await rpc(chain, "eth_getBalance", w3.eth.get_balance(mc.sender)))
@@ -121,7 +120,7 @@ async def _fund_deployer(
 
 
 @job("deployMulticall3", timeout=DEPLOY_TIMEOUT_SECONDS, runtime="asyncio")
-async def deploy_multicall3(ctx: AsyncioJobContext) -> dict[str, Any]:
+async def deploy_multicall3(ctx: Context) -> dict[str, Any]:
     chain = config.current().primary
     mc = info()
     async with open_web3(chain) as w3:

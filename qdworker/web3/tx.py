@@ -14,16 +14,15 @@ once), as QuickDapp's in-process notifications would be lost.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from .. import protocol
 from ..db import statements
 from ..db.connect import DbOptions
 from ..db.connection import Connection, connect
-from ..worker.context import MAX_MESSAGE_BYTES
 from ._aio import trio_as_aio
 
 __all__ = ["ChainTransaction", "open_range_connection"]
@@ -90,13 +89,9 @@ class ChainTransaction:
         """Queue ``message`` for ``user_id``'s websocket clients, sent once the range commits.
 
         Raises ``TypeError``/``ValueError`` now if the message is not a JSON object of at most
-        :data:`~qdworker.worker.context.MAX_MESSAGE_BYTES`.
+        :data:`~qdworker.protocol.MAX_MESSAGE_BYTES`.
         """
-        if not isinstance(message, Mapping):
-            raise TypeError("a user message must be a JSON object, e.g. {'type': ..., 'data': ...}")
-        size = len(json.dumps(message, allow_nan=False))
-        if size > MAX_MESSAGE_BYTES:
-            raise ValueError(f"message is {size} bytes as JSON; the limit is {MAX_MESSAGE_BYTES}")
+        protocol.check_message(message)
         self._notifications.append((int(user_id), message))
 
     # --- used by watchChain ------------------------------------------------------------

@@ -29,8 +29,7 @@ from web3.types import FilterParams
 
 from ..db import statements
 from ..db.connection import Connection
-from ..registry import job
-from ..worker.context import AsyncioJobContext
+from ..registry import Context, job
 from . import config
 from ._aio import trio_as_aio
 from .client import check_chain_id, open_web3, rpc
@@ -68,9 +67,7 @@ def _aio(fn: Any) -> Any:
 class _Fetcher:
     """Fetches and decodes one filter's logs; decoders are built once per run."""
 
-    def __init__(
-        self, w3: AsyncWeb3[AsyncHTTPProvider], chain: Chain, ctx: AsyncioJobContext
-    ) -> None:
+    def __init__(self, w3: AsyncWeb3[AsyncHTTPProvider], chain: Chain, ctx: Context) -> None:
         self.w3 = w3
         self.chain = chain
         self.ctx = ctx
@@ -109,7 +106,7 @@ class _Fetcher:
 
 
 async def _process_range(
-    ctx: AsyncioJobContext,
+    ctx: Context,
     conn: Connection,
     fetcher: _Fetcher,
     filters: tuple[ChainFilter, ...],
@@ -141,7 +138,7 @@ async def _process_range(
 
 
 @job("watchChain", timeout=WATCH_TIMEOUT_SECONDS, runtime="asyncio")
-async def watch_chain(ctx: AsyncioJobContext) -> dict[str, Any]:
+async def watch_chain(ctx: Context) -> dict[str, Any]:
     cfg = config.current()
     chain = cfg.primary
     filters = registered_filters()

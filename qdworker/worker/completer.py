@@ -38,10 +38,11 @@ from ..db import store
 from ..db.connect import Backoff, DbOptions, is_transient
 from ..db.connection import Link
 from ..errors import DatabaseError, OutcomeUnknownError
+from ..protocol import job_event
 from ..schedule import backoff, cron
 from .flow import Flow
 from .outbox import Outbox
-from .run import Outcome, Run, error_result, job_event
+from .run import Outcome, Run, error_result
 
 __all__ = ["Completer"]
 

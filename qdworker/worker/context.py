@@ -24,10 +24,11 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any
 
 import trio
 
+from .. import protocol
 from ..db import store
 from ..db.connect import DbOptions
 from ..db.connection import Connection, connect
@@ -36,12 +37,10 @@ from ..model import Job
 from .outbox import Outbox
 from .run import Outcome, Run
 
-__all__ = ["MAX_MESSAGE_BYTES", "JobContext", "JobDatabase", "Transaction"]
+__all__ = ["JobContext", "JobDatabase", "Transaction"]
 
 #: Parent of every job's logger adapter.
 JOB_LOGGER = logging.getLogger("qdworker.job")
-#: Largest message a job may send to users, as JSON.
-MAX_MESSAGE_BYTES: Final = 64 * 1024
 
 Params = Mapping[str, Any] | Sequence[Any] | None
 #: Builds the completer's ``finish`` parameters for one run and its outcome.
@@ -116,14 +115,6 @@ class Transaction:
         return await self._conn.execute(sql, params)
 
 
-def _check_message(message: Any) -> None:
-    if not isinstance(message, Mapping):
-        raise TypeError("a user message must be a JSON object, e.g. {'type': ..., 'data': ...}")
-    size = len(json.dumps(message, allow_nan=False))
-    if size > MAX_MESSAGE_BYTES:
-        raise ValueError(f"message is {size} bytes as JSON; the limit is {MAX_MESSAGE_BYTES}")
-
-
 class JobContext:
     """The handler's view of its job and of the worker (trio coroutines)."""
 
@@ -187,15 +178,13 @@ class JobContext:
 
     async def notify_user(self, user_id: int, message: Mapping[str, Any]) -> None:
         """Send ``message`` to websocket clients of ``user_id`` (through the supervisor)."""
-        _check_message(message)
-        await self._outbox.send(
-            {"kind": "send-to-user", "user_id": int(user_id), "message": message}
-        )
+        protocol.check_message(message)
+        await self._outbox.send(protocol.send_to_user(int(user_id), message))
 
     async def broadcast(self, message: Mapping[str, Any]) -> None:
         """Send ``message`` to every websocket client."""
-        _check_message(message)
-        await self._outbox.send({"kind": "broadcast", "message": message})
+        protocol.check_message(message)
+        await self._outbox.send(protocol.broadcast(message))
 
 
 async def _rollback(conn: Connection) -> None:

@@ -24,10 +24,9 @@ from typing import Final, NoReturn
 import trio
 
 from .. import config as config_module
-from .. import logs, registry
+from .. import logs, protocol, registry
 from .._redact import redact
 from ..errors import QdworkerError
-from ..supervisor import ipc
 from .outbox import Outbox
 from .worker import Worker
 
@@ -40,13 +39,13 @@ EXIT_STARTUP: Final = 2
 
 def _report(message: str) -> NoReturn:
     """Tell the supervisor why this process cannot start (best effort), then exit."""
-    if ipc.DEFAULT_IPC_FD_ENV_VAR in os.environ:
+    if protocol.DEFAULT_IPC_FD_ENV_VAR in os.environ:
 
         async def send() -> None:
             with trio.move_on_after(1.0):
-                stream = ipc.child_stream_from_env()
+                stream = protocol.child_stream_from_env()
                 async with stream:
-                    await ipc.send(stream, {"kind": "worker-error", "error": message})
+                    await protocol.send(stream, protocol.worker_error(message))
 
         try:
             trio.run(send)
@@ -85,8 +84,8 @@ def main() -> None:
 
     async def open_and_run() -> int:
         # Without a supervisor (no IPC fd: tests, debugging) events go nowhere.
-        with_ipc = ipc.DEFAULT_IPC_FD_ENV_VAR in os.environ
-        outbox = Outbox(ipc.child_stream_from_env() if with_ipc else None)
+        with_ipc = protocol.DEFAULT_IPC_FD_ENV_VAR in os.environ
+        outbox = Outbox(protocol.child_stream_from_env() if with_ipc else None)
         supervisor = os.environ.get("QDWORKER_SUPERVISOR_ID") or None
         return await Worker(cfg, worker_id, url, outbox, supervisor_id=supervisor).run()
 

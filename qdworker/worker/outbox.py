@@ -17,7 +17,7 @@ from typing import Any
 
 import trio
 
-from ..supervisor import ipc
+from .. import protocol
 
 __all__ = ["MAX_PENDING_EVENTS", "MAX_PENDING_MESSAGES", "Outbox", "OutboxStatistics"]
 
@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PENDING_EVENTS = 20_000
 MAX_PENDING_MESSAGES = 1_000
-#: Most events per frame (keeps frames far below ipc.MAX_FRAME_BYTES).
+#: Most events per frame (keeps frames far below protocol.MAX_FRAME_BYTES).
 EVENTS_PER_FRAME = 500
 
 
@@ -69,7 +69,7 @@ class Outbox:
         """Queue a message; waits while :data:`MAX_PENDING_MESSAGES` are queued."""
         if self._stream is None:
             return
-        ipc.encode_frame(msg)  # raises now, in the caller, for what cannot be sent
+        protocol.encode_frame(msg)  # raises now, in the caller, for what cannot be sent
         await self._send.send(msg)
         self._wake.set()
 
@@ -104,13 +104,13 @@ class Outbox:
                 msg = self._receive.receive_nowait()
             except trio.WouldBlock:
                 break
-            await ipc.send(self._stream, msg)
+            await protocol.send(self._stream, msg)
             self._frames += 1
         while self._events:
             batch = [
                 self._events.popleft() for _ in range(min(EVENTS_PER_FRAME, len(self._events)))
             ]
-            await ipc.send(self._stream, {"kind": "job-events", "events": batch})
+            await protocol.send(self._stream, protocol.job_events(batch))
             self._frames += 1
             self._sent += len(batch)
 
@@ -119,8 +119,8 @@ class Outbox:
         if self._stream is None:
             await trio.sleep_forever()
             return
-        async for msg in ipc.frames(self._stream):
-            if msg["kind"] == "events":
+        async for msg in protocol.frames(self._stream):
+            if msg["kind"] == protocol.EVENTS_WANTED:
                 self.events_wanted = bool(msg.get("wanted"))
                 if not self.events_wanted:
                     self._events.clear()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Final, Literal
 
 import trio
@@ -25,7 +24,7 @@ import trio
 from .._redact import redact
 from ..model import Job
 
-__all__ = ["MAX_ERROR_CHARS", "Ending", "Outcome", "Run", "Stop", "error_result", "job_event"]
+__all__ = ["MAX_ERROR_CHARS", "Ending", "Outcome", "Run", "Stop", "error_result"]
 
 #: Longest error message stored.
 MAX_ERROR_CHARS: Final = 2000
@@ -115,25 +114,3 @@ def error_result(message: str, error_type: str) -> dict[str, str]:
     if len(text) > MAX_ERROR_CHARS:
         text = text[: MAX_ERROR_CHARS - 1] + "…"
     return {"error": text, "error_type": error_type}
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
-
-
-def job_event(
-    event: str, job: Job, *, finished: datetime | None = None, successor_id: int | None = None
-) -> dict[str, Any]:
-    """The IPC job event (snake_case; the hub renames for clients). Never carries data/result."""
-    return {
-        "event": event,
-        "id": job.id,
-        "tag": job.tag,
-        "type": job.type,
-        "user_id": job.user_id,
-        "attempt": job.attempt,
-        "due": _iso(job.due),
-        "started": _iso(job.started),
-        "finished": _iso(finished),
-        "successor_id": successor_id,
-    }

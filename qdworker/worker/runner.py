@@ -31,11 +31,12 @@ import trio
 
 from .. import registry
 from ..errors import ClaimLostError
+from ..protocol import job_event
 from ..schedule import cron
 from .context import AsyncioJobContext, JobContext
 from .flow import Flow
 from .outbox import Outbox
-from .run import Outcome, Run, error_result, job_event
+from .run import Outcome, Run, error_result
 
 __all__ = ["MAX_RESULT_BYTES", "Runner", "execute"]
 

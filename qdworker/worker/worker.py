@@ -28,7 +28,7 @@ from typing import Any, Final
 import trio
 
 from .. import config as config_module
-from .. import registry
+from .. import protocol, registry
 from ..db import store
 from ..db.connect import DbOptions
 from ..db.connection import Link
@@ -165,13 +165,12 @@ class Worker:
     async def _heartbeat(self) -> None:
         while True:
             await self.outbox.send(
-                {
-                    "kind": "heartbeat",
-                    "running": self.flow.running,
-                    "completed": self.flow.completed,
-                    "failed": self.flow.failed,
-                    "claimed": self.claimer.claimed,
-                }
+                protocol.heartbeat(
+                    running=self.flow.running,
+                    completed=self.flow.completed,
+                    failed=self.flow.failed,
+                    claimed=self.claimer.claimed,
+                )
             )
             await trio.sleep(HEARTBEAT_SECONDS)
 
@@ -277,9 +276,7 @@ class Worker:
                 await work.start(self.runner.run)
                 claimer_done = trio.Event()
                 work.start_soon(self._claim, claimer_done)
-                await self.outbox.send(
-                    {"kind": "worker-started", "worker_id": self.worker_id, "pid": os.getpid()}
-                )
+                await self.outbox.send(protocol.worker_started(self.worker_id, os.getpid()))
                 services.start_soon(self._heartbeat)
                 logger.info(
                     "worker %s ready (concurrency %d, job types: %s)",
@@ -293,13 +290,7 @@ class Worker:
             leases.stop()
             await self._exit_statement(abandoned)
             with trio.move_on_after(1.0):
-                await self.outbox.send(
-                    {
-                        "kind": "worker-shutdown",
-                        "worker_id": self.worker_id,
-                        "exit_code": self.exit_code,
-                    }
-                )
+                await self.outbox.send(protocol.worker_shutdown(self.worker_id, self.exit_code))
             await self.db.aclose()
             services.cancel_scope.cancel()
         return self.exit_code

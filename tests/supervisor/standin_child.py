@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 
-from qdworker.supervisor.ipc import encode_frame
+from qdworker.protocol import encode_frame
 
 MODE = sys.argv[1]
 WORKER_ID = os.environ["QDWORKER_WORKER_ID"]

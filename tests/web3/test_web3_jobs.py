@@ -162,12 +162,14 @@ def test_deploy_multicall3_on_fresh_chain_then_noop(db_url: str, worker: Any) ->
 
 def test_ensure_web3_jobs(db_url: str, web3_pkg: Any) -> None:
     from qdworker.db.connection import connect
+    from qdworker.supervisor.startup import ensure_cron_jobs
 
-    async def ensure_twice() -> None:
+    async def ensure_twice() -> None:  # what the module declares, as supervisors ensure it
         conn = await connect(db_url)
         try:
-            await web3_pkg.ensure_web3_jobs(conn, "UTC")
-            await web3_pkg.ensure_web3_jobs(conn, "UTC")
+            for _ in range(2):
+                await ensure_cron_jobs(conn, [web3_pkg.WATCH_CHAIN], "UTC")
+                await web3_pkg.startup.submit_deploy_multicall3(conn, "UTC")
         finally:
             await conn.aclose()
 
@@ -221,12 +223,12 @@ def test_watch_chain_cron_notifies_token_created_and_transfers(
     start = chain.head() + 1
     worker(**web3_env(chain.node.url, chain.factory.address, start_block=start))
     from qdworker.db.connection import connect
-    from qdworker.jobs.builtin import ensure_cron_jobs
+    from qdworker.supervisor.startup import ensure_cron_jobs
 
     async def ensure() -> None:  # the cron job exactly as the supervisor ensures it
         conn = await connect(db_url)
         try:
-            await ensure_cron_jobs(conn, web3_pkg.WEB3_CRON_JOBS, "UTC")
+            await ensure_cron_jobs(conn, [web3_pkg.WATCH_CHAIN], "UTC")
         finally:
             await conn.aclose()
 
