@@ -30,8 +30,17 @@ from typing import Any, Final, TextIO
 
 from ._redact import redact
 from .config import LOG_LEVELS
+from .model import Job
 
-__all__ = ["CONTEXT_FIELDS", "TRACE", "JsonFormatter", "TextFormatter", "setup", "trace"]
+__all__ = [
+    "CONTEXT_FIELDS",
+    "TRACE",
+    "JsonFormatter",
+    "TextFormatter",
+    "for_job",
+    "setup",
+    "trace",
+]
 
 #: Python level number of QuickDapp's ``trace``.
 TRACE: Final = LOG_LEVELS["trace"]
@@ -128,6 +137,12 @@ class JsonFormatter(logging.Formatter):
 
 
 _installed: logging.Handler | None = None
+
+
+def for_job(logger: logging.Logger, job: Job) -> logging.LoggerAdapter[logging.Logger]:
+    """``logger`` with ``job``'s id and type on every line (``job=… type=…``, or the JSON
+    fields ``job_id`` / ``job_type``): the one way job lines get them."""
+    return logging.LoggerAdapter(logger, {"job_id": job.id, "job_type": job.type})
 
 
 def setup(

@@ -317,6 +317,11 @@ def events_wanted(wanted: bool) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- job events
 
+#: What a job event says happened.
+JOB_EVENT_KINDS: Final = frozenset(
+    {"started", "succeeded", "failed", "rescheduled", "cancelled", "timed_out"}
+)
+
 
 def _iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
@@ -339,4 +344,23 @@ def job_event(
         "started": _iso(job.started),
         "finished": _iso(finished),
         "successor_id": successor_id,
+    }
+
+
+def job_event_for_client(event: Mapping[str, Any]) -> dict[str, Any]:
+    """A worker's job event as websocket clients get it (QuickDapp-style camelCase)."""
+    return {
+        "type": "job",
+        "data": {
+            "event": event["event"],
+            "id": event["id"],
+            "tag": event.get("tag"),
+            "jobType": event.get("type"),
+            "userId": event["user_id"],
+            "attempt": event.get("attempt"),
+            "due": event.get("due"),
+            "started": event.get("started"),
+            "finished": event.get("finished"),
+            "successorId": event.get("successor_id"),
+        },
     }

@@ -14,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import trio
+from waiting import wait_until_async
 
 from qdworker import config
 
@@ -232,21 +233,20 @@ async def test_run_with_a_worker_shuts_down_gracefully(db_url: str, tmp_path: Pa
     assert not any("ended unexpectedly" in line for line in supervisor.lines)
 
 
-SUPERVISOR_TESTS = Path(__file__).resolve().parent / "supervisor"
+SUPPORT = Path(__file__).resolve().parent / "support"
 
 
 def job_env(db_url: str, tmp_path: Path, **settings: str) -> dict[str, str]:
     env = env_for(db_url, tmp_path, QDWORKER_JOBS="qdsup_jobs", **settings)
     env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(SUPERVISOR_TESTS), os.environ.get("PYTHONPATH", "")) if p
+        p for p in (str(SUPPORT), os.environ.get("PYTHONPATH", "")) if p
     )
     return env
 
 
 async def poll(sql: psycopg.Connection, query: str, params: tuple[object, ...]) -> None:
     """Wait until ``query`` returns a row (the caller caps the wait)."""
-    while sql.execute(query, params).fetchone() is None:  # noqa: ASYNC110 (the DB has no event)
-        await trio.sleep(0.05)
+    await wait_until_async(lambda: sql.execute(query, params).fetchone())
 
 
 async def test_second_signal_cancels_running_jobs_at_once(

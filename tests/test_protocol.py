@@ -81,7 +81,9 @@ async def test_round_trip_over_socketpair() -> None:
 async def test_send_rejects_oversized_and_invalid() -> None:
     send, recv = trio.testing.memory_stream_one_way_pair()
     with pytest.raises(protocol.FrameTooLargeError):
-        await protocol.send(send, {"kind": "broadcast", "message": {"x": "y" * 100}}, max_frame_bytes=50)
+        await protocol.send(
+            send, {"kind": "broadcast", "message": {"x": "y" * 100}}, max_frame_bytes=50
+        )
     with pytest.raises(protocol.FrameTooLargeError):
         await protocol.send(send, {"kind": "b", "x": "y" * protocol.MAX_FRAME_BYTES})
     with pytest.raises(TypeError):

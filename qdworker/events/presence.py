@@ -89,8 +89,6 @@ class Presence:
         self._due = trio.Event()
         self.live_peers = 0
         self.peers_with_clients = 0
-        #: Set whenever the peers were counted again (for statistics watchers).
-        self.counted = trio.Event()
         self.on_peers_changed: Callable[[], None] | None = None
 
     def tick_now(self) -> None:
@@ -180,8 +178,6 @@ class Presence:
         self.live_peers = len(self._peers)
         before = self.peers_with_clients
         self.peers_with_clients = sum(1 for p in self._peers.values() if p.ws_clients > 0)
-        self.counted.set()
-        self.counted = trio.Event()
         if self.on_peers_changed is not None and before != self.peers_with_clients:
             self.on_peers_changed()
 

@@ -37,6 +37,7 @@ from typing import Any, Final
 
 import trio
 
+from .. import protocol
 from ..db import statements
 from ..db.connect import DbOptions
 from ..db.connection import Link
@@ -67,7 +68,7 @@ LOG_INTERVAL_SECONDS: Final = 10.0
 """Minimum spacing of repeated warnings (malformed payloads, lost references)."""
 NOTIFICATION_BUFFER: Final = 1000
 
-_FORWARDED_KINDS: Final = frozenset({"send-to-user", "broadcast"})
+_FORWARDED_KINDS: Final = frozenset({protocol.SEND_TO_USER, protocol.BROADCAST})
 
 
 def _is_int(value: Any) -> bool:
@@ -139,7 +140,6 @@ class Relay:
         self._invalid = 0
         self._reconnects = 0
         self._last_warning = -LOG_INTERVAL_SECONDS
-        self._changed = trio.Event()
 
     @property
     def supervisor_id(self) -> str:
@@ -173,16 +173,6 @@ class Relay:
             reconnects=self._reconnects,
         )
 
-    async def wait_until(self, predicate: Callable[[RelayStatistics], bool]) -> RelayStatistics:
-        """Wait (without polling) until ``predicate(statistics())`` holds; return them."""
-        while True:
-            stats = self.statistics()
-            if predicate(stats):
-                return stats
-            async with trio.open_nursery() as race:
-                for event in (self._changed, self._publisher.sent, self._presence.counted):
-                    race.start_soon(_wait_then_cancel, event, race.cancel_scope)
-
     # ---------------------------------------------------------------- outbound
 
     def forward(self, msg: Mapping[str, Any]) -> None:
@@ -194,7 +184,7 @@ class Relay:
         its oldest entry.
         """
         kind = msg.get("kind")
-        if kind == "job-events":
+        if kind == protocol.JOB_EVENTS:
             if self._presence.peers_with_clients == 0:
                 return
             events = msg.get("events")
@@ -205,7 +195,7 @@ class Relay:
         elif kind in _FORWARDED_KINDS:
             if self._presence.live_peers == 0:
                 return
-            if kind == "broadcast":
+            if kind == protocol.BROADCAST:
                 self._publisher.enqueue(False, {"kind": kind, "message": msg.get("message")})
             else:
                 self._publisher.enqueue(
@@ -238,8 +228,6 @@ class Relay:
                     self._presence.tick_now()
             else:
                 await self._handle(item.payload)
-            self._changed.set()
-            self._changed = trio.Event()
 
     async def _handle(self, payload: str) -> None:
         envelope = self._envelope(payload)
@@ -265,7 +253,7 @@ class Relay:
                 self._note_invalid("a message that is not an object", msg)
                 continue
             events = msg.get("events")
-            if msg.get("kind") == "job-events" and isinstance(events, list):
+            if msg.get("kind") == protocol.JOB_EVENTS and isinstance(events, list):
                 # One event per scheduling round: a websocket writer sends one message per
                 # round, so a burst from a peer cannot outrun (and overflow) its clients.
                 for event in events:
@@ -327,8 +315,3 @@ class Relay:
         if now - self._last_warning >= LOG_INTERVAL_SECONDS:
             self._last_warning = now
             logger.warning(fmt, *args)
-
-
-async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()

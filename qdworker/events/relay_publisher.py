@@ -26,7 +26,7 @@ from ..db import statements
 from ..db.connect import DbOptions
 from ..db.connection import Link
 from ..errors import DatabaseError
-from ..protocol import MAX_MESSAGE_BYTES
+from ..protocol import JOB_EVENTS, MAX_MESSAGE_BYTES
 
 __all__ = ["MAX_MESSAGE_BYTES", "MAX_PAYLOADS_PER_STATEMENT", "PAYLOAD_TARGET_BYTES", "Publisher"]
 
@@ -40,7 +40,7 @@ LOG_INTERVAL_SECONDS: Final = 10.0
 ERROR_PAUSE_SECONDS: Final = 1.0
 
 _SEPARATORS: Final = (",", ":")
-_JOB_HEAD: Final = '{"kind":"job-events","events":['
+_JOB_HEAD: Final = '{"kind":"' + JOB_EVENTS + '","events":['
 _JOB_TAIL: Final = "]}"
 _PAYLOAD_TAIL: Final = "]}"
 
@@ -66,8 +66,6 @@ class Publisher:
         self.payloads_sent = 0
         self.sent_by_reference = 0
         self.dropped = 0
-        #: Set after every batch sent (for statistics watchers).
-        self.sent = trio.Event()
 
     @property
     def connected(self) -> bool:
@@ -167,5 +165,3 @@ class Publisher:
                 self.forwarded += len(items)
                 self.payloads_sent += len(payloads)
                 self.sent_by_reference += int(rows[0]["refs"] or 0)
-                self.sent.set()
-                self.sent = trio.Event()

@@ -16,7 +16,7 @@ Verification rules (mirroring QuickDapp, plus a mandatory ``exp``):
 * ``type`` must be ``"auth"``;
 * ``userId`` must be a positive integer.
 
-Failures raise :class:`TokenError` with ``code`` one of
+Failures raise :class:`~qdworker.errors.TokenError` with ``code`` one of
 :data:`TOKEN_EXPIRED`, :data:`TOKEN_INVALID`, :data:`TOKEN_MALFORMED`.
 QuickDapp reports all of these as ``UNAUTHORIZED`` over GraphQL, with the
 messages "Token expired" / "Invalid token"; the messages here match, the
@@ -46,7 +46,6 @@ __all__ = [
     "TOKEN_MALFORMED",
     "TOKEN_TYPE",
     "Identity",
-    "TokenError",
     "mint",
     "verify",
     "ws_token",

@@ -333,7 +333,8 @@ async def _run(
         )
         await services.start(maintenance)
         if config.ws_enabled:
-            manager.ws_port = await services.start(_websocket_service(config, manager.hub))
+            settings = websocket.ServerSettings.from_config(config)
+            manager.ws_port = await services.start(websocket.serve, manager.hub, settings)
         async with trio.open_nursery() as nursery:
             for child in manager._children:
                 await nursery.start(child.run)
@@ -348,16 +349,3 @@ async def _run(
                 child.request_stop()
         services.cancel_scope.cancel()
     logger.info("supervisor stopped")
-
-
-def _websocket_service(config: Config, hub: Hub) -> Any:
-    return partial(
-        websocket.serve,
-        hub,
-        host=config.ws_host,
-        port=config.ws_port,
-        secret=config.ws_secret,
-        origins=config.ws_origins,
-        max_total_connections=config.ws_max_total_connections,
-        max_connections_per_user=config.ws_max_connections_per_user,
-    )

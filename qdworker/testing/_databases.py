@@ -42,18 +42,18 @@ def test_server(data_dir: Path = DEFAULT_DATA_DIR) -> Iterator[str]:
     if url:
         yield url
         return
-    from ..db import embedded
+    from .. import devdb
     from ..errors import EmbeddedDatabaseError
 
     try:
-        server = embedded.start(data_dir)
+        server = devdb.start(data_dir)
     except EmbeddedDatabaseError:
         # A data dir left broken by an earlier run must not fail the suite: start afresh.
-        server = embedded.start(Path(tempfile.mkdtemp(prefix="qdworker-test-pg-")))
+        server = devdb.start(Path(tempfile.mkdtemp(prefix="qdworker-test-pg-")))
     try:
         yield server.url
     finally:
-        embedded.stop(server)
+        devdb.stop(server)
 
 
 class TestDatabases:

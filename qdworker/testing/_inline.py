@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from .. import registry
+from .. import protocol, registry
 from ..db import store
 from ..db.connect import DbOptions
 from ..db.connection import Link
@@ -67,7 +67,7 @@ class _Recorder(Outbox):
         self.messages: list[dict[str, Any]] = []
 
     async def send(self, msg: Mapping[str, Any]) -> None:
-        if msg.get("kind") in ("send-to-user", "broadcast"):
+        if msg.get("kind") in (protocol.SEND_TO_USER, protocol.BROADCAST):
             self.messages.append(dict(msg))
 
 

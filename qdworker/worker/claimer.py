@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -82,7 +82,6 @@ class Claimer:
         self._orphans = False  # a claim's outcome is unknown: rows may be leased to us
         self.clock_offset = 0.0  # database clock - local clock, seconds
         self.backlog = False  # the last claim got all it asked for: probably more to come
-        self.claims = 0
         self.claimed = 0
 
     async def _connected(self, conn: Connection) -> None:
@@ -188,7 +187,6 @@ class Claimer:
         if fast and len(claimed) < limit:
             self._next_full_claim = 0.0
         self._flow.want_room = self.backlog
-        self.claims += 1
         self.claimed += len(claimed)
         valid_until = sent + self._lease * VALID_FRACTION
         return [Run(c.job, c.lost, valid_until) for c in claimed]
@@ -205,6 +203,3 @@ class Claimer:
         wait = self._poll if seconds is None else min(self._poll, max(0.0, seconds))
         rescue_in = self._rescue_after - time.monotonic()
         return min(wait, rescue_in) if rescue_in > 0 else wait
-
-    def statistics(self) -> dict[str, Any]:
-        return {"claims": self.claims, "claimed": self.claimed}

@@ -38,6 +38,7 @@ from ..db import store
 from ..db.connect import Backoff, DbOptions, is_transient
 from ..db.connection import Link
 from ..errors import DatabaseError, OutcomeUnknownError
+from ..logs import for_job
 from ..protocol import job_event
 from ..schedule import backoff, cron
 from .flow import Flow
@@ -64,10 +65,6 @@ class _Successor:
     due: datetime | None
     delay_ms: float | None
     attempt: int
-
-
-def _job_extra(run: Run) -> dict[str, Any]:
-    return {"job_id": run.job.id, "job_type": run.job.type}
 
 
 class Completer:
@@ -109,12 +106,11 @@ class Completer:
         for run in batch:
             assert run.outcome is not None
             if run.outcome.ending == "discard":
-                logger.warning(
+                for_job(logger, run.job).warning(
                     "job %d (%s): run stopped: %s; its outcome is discarded",
                     run.job.id,
                     run.job.type,
                     run.reason or "its claim was lost",
-                    extra=_job_extra(run),
                 )
                 self._flow.written(run)
             else:
@@ -146,13 +142,16 @@ class Completer:
         assert run.outcome is not None
         if run.outcome.result == _unstorable(exc) or run.outcome.ending == "release":
             # Even the plain failure was refused: leave the row to its lease (it is rescued).
-            logger.error("job %d (%s): its outcome cannot be stored (%s); leaving it to its "
-                         "lease", run.job.id, run.job.type, exc, extra=_job_extra(run))  # fmt: skip
+            for_job(logger, run.job).error(
+                "job %d (%s): its outcome cannot be stored (%s); leaving it to its lease",
+                run.job.id, run.job.type, exc,
+            )  # fmt: skip
             self._flow.written(run)
             return
-        logger.error("job %d (%s): its outcome was refused by the database (%s); storing "
-                     "it as a failure", run.job.id, run.job.type, exc,
-                     extra=_job_extra(run))  # fmt: skip
+        for_job(logger, run.job).error(
+            "job %d (%s): its outcome was refused by the database (%s); storing it as a failure",
+            run.job.id, run.job.type, exc,
+        )  # fmt: skip
         run.outcome = Outcome("failed", _unstorable(exc), retry=False)
         await self._write_with_retry([run])
 
@@ -263,12 +262,11 @@ class Completer:
                 finished = result.finished.get(run.job.id)
                 if finished is None:
                     self.rejected += 1
-                    logger.warning(
+                    for_job(logger, run.job).warning(
                         "job %d (%s): result discarded: this run no longer holds its claim "
                         "(its lease expired and the job was rescued)",
                         run.job.id,
                         run.job.type,
-                        extra=_job_extra(run),
                     )
                 else:
                     self.written += 1

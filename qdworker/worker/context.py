@@ -33,6 +33,7 @@ from ..db import store
 from ..db.connect import DbOptions
 from ..db.connection import Connection, connect
 from ..errors import ClaimLostError, DatabaseUnavailableError
+from ..logs import for_job
 from ..model import Job
 from .outbox import Outbox
 from .run import Outcome, Run
@@ -145,7 +146,7 @@ class JobContext:
     @functools.cached_property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
         """A logger whose lines carry the job's id and type (and the worker's id)."""
-        return logging.LoggerAdapter(JOB_LOGGER, {"job_id": self.job.id, "job_type": self.job.type})
+        return for_job(JOB_LOGGER, self.job)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

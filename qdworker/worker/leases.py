@@ -46,6 +46,7 @@ import trio
 from ..db import statements, store
 from ..db.connect import OUTAGE, Backoff, DbOptions, connect_sync, describe, server_is_down
 from ..errors import DatabaseError
+from ..logs import for_job
 from .claimer import VALID_FRACTION
 from .flow import Flow
 from .run import Run, error_result
@@ -151,21 +152,19 @@ class LeaseKeeper:
                 if run.state == "done":
                     continue
                 if run.stop is None and now >= run.valid_until - self._preempt_seconds:
-                    logger.warning(
+                    for_job(logger, run.job).warning(
                         "job %d (%s): its lease could not be renewed in time (the database "
                         "is unreachable): stopping it; it runs again once the database is back",
                         run.job.id,
                         run.job.type,
-                        extra={"job_id": run.job.id, "job_type": run.job.type},
                     )
                     self._flow.halt(run, "release", "its lease could not be renewed")
                 if now >= run.valid_until and run.thread_running:
-                    logger.error(
+                    for_job(logger, run.job).error(
                         "job %d (%s): its handler thread ignores cancellation and its lease "
                         "is ending: replacing this worker process so it cannot run twice",
                         run.job.id,
                         run.job.type,
-                        extra={"job_id": run.job.id, "job_type": run.job.type},
                     )
                     self.exit_code = EXIT_LEASE_LOST
                     self.must_exit.set()
@@ -270,12 +269,11 @@ class LeaseKeeper:
             return
         others = [r for r in self._flow.snapshot() if r not in stuck and r.holds_claim]
         for run in stuck:
-            logger.error(
+            for_job(logger, run.job).error(
                 "job %d (%s) ignores its timeout and blocks the worker: failing it and replacing "
                 "this worker process",
                 run.job.id,
                 run.job.type,
-                extra={"job_id": run.job.id, "job_type": run.job.type},
             )
         timeout = json.dumps(
             error_result(

@@ -12,14 +12,13 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import trio
 
 from .. import protocol
 
-__all__ = ["MAX_PENDING_EVENTS", "MAX_PENDING_MESSAGES", "Outbox", "OutboxStatistics"]
+__all__ = ["MAX_PENDING_EVENTS", "MAX_PENDING_MESSAGES", "Outbox"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +26,6 @@ MAX_PENDING_EVENTS = 20_000
 MAX_PENDING_MESSAGES = 1_000
 #: Most events per frame (keeps frames far below protocol.MAX_FRAME_BYTES).
 EVENTS_PER_FRAME = 500
-
-
-@dataclass(frozen=True)
-class OutboxStatistics:
-    frames_sent: int
-    events_sent: int
-    events_dropped: int
-    connected: bool
 
 
 class Outbox:
@@ -47,10 +38,6 @@ class Outbox:
             MAX_PENDING_MESSAGES
         )
         self._wake = trio.Event()
-        self._frames = 0
-        self._sent = 0
-        self._dropped = 0
-        self.closed = trio.Event()
         #: Whether anybody wants job events; the supervisor says so over the socket.
         self.events_wanted = False
 
@@ -61,7 +48,6 @@ class Outbox:
             return
         if len(self._events) >= MAX_PENDING_EVENTS:
             self._events.popleft()
-            self._dropped += 1
         self._events.append(event)
         self._wake.set()
 
@@ -72,9 +58,6 @@ class Outbox:
         protocol.encode_frame(msg)  # raises now, in the caller, for what cannot be sent
         await self._send.send(msg)
         self._wake.set()
-
-    def statistics(self) -> OutboxStatistics:
-        return OutboxStatistics(self._frames, self._sent, self._dropped, self._stream is not None)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write queued messages until cancelled; then flush what is queued (bounded time)."""
@@ -88,7 +71,6 @@ class Outbox:
                 await self._flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             logger.warning("IPC stream to the supervisor is closed")
-            self.closed.set()
         finally:
             with (
                 trio.CancelScope(shield=True),
@@ -105,14 +87,11 @@ class Outbox:
             except trio.WouldBlock:
                 break
             await protocol.send(self._stream, msg)
-            self._frames += 1
         while self._events:
             batch = [
                 self._events.popleft() for _ in range(min(EVENTS_PER_FRAME, len(self._events)))
             ]
             await protocol.send(self._stream, protocol.job_events(batch))
-            self._frames += 1
-            self._sent += len(batch)
 
     async def receive(self) -> None:
         """Read the supervisor's messages until its end closes (it exited or was killed)."""
@@ -124,4 +103,3 @@ class Outbox:
                 self.events_wanted = bool(msg.get("wanted"))
                 if not self.events_wanted:
                     self._events.clear()
-        self.closed.set()

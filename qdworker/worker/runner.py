@@ -31,6 +31,7 @@ import trio
 
 from .. import registry
 from ..errors import ClaimLostError
+from ..logs import for_job
 from ..protocol import job_event
 from ..schedule import cron
 from .context import AsyncioJobContext, JobContext
@@ -191,12 +192,11 @@ class Runner:
                 f"(crashed or killed); giving up after {limit} attempt(s)"
             )
             return Outcome("failed", error_result(reason, "WorkerLost"), retry=False)
-        logger.warning(
+        for_job(logger, job).warning(
             "job %d (%s): previous run was lost with its worker; running again (attempt %d)",
             job.id,
             job.type,
             job.attempt,
-            extra={"job_id": job.id, "job_type": job.type},
         )
         return None
 
@@ -204,12 +204,11 @@ class Runner:
         async def watch() -> None:
             await trio.sleep(THREAD_GRACE_SECONDS)
             if run.thread_running:
-                logger.error(
+                for_job(logger, run.job).error(
                     "job %d (%s): its handler thread ignores cancellation; replacing this "
                     "worker process",
                     run.job.id,
                     run.job.type,
-                    extra={"job_id": run.job.id, "job_type": run.job.type},
                 )
                 self.stuck.set()
 

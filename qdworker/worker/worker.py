@@ -34,6 +34,7 @@ from ..db.connect import DbOptions
 from ..db.connection import Link
 from ..db.listen import Listener, Listening, Notification
 from ..errors import DatabaseError
+from ..logs import for_job
 from .claimer import Claimer
 from .completer import Completer
 from .context import JobContext, JobDatabase
@@ -113,8 +114,7 @@ class Worker:
         run = self.flow.held.get(job_id)
         if run is None or run.state == "done":
             return
-        logger.info("job %d (%s): cancelling (%s)", job_id, run.job.type, reason,
-                    extra={"job_id": job_id, "job_type": run.job.type})  # fmt: skip
+        for_job(logger, run.job).info("job %d (%s): cancelling (%s)", job_id, run.job.type, reason)
         self.flow.halt(run, "cancel", reason)
 
     def request_stop(self, immediate: bool = False) -> None:

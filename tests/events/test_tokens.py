@@ -7,12 +7,12 @@ import time
 import jwt
 import pytest
 
+from qdworker.errors import TokenError
 from qdworker.events.tokens import (
     TOKEN_EXPIRED,
     TOKEN_INVALID,
     TOKEN_MALFORMED,
     Identity,
-    TokenError,
     mint,
     verify,
 )

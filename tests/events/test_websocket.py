@@ -4,7 +4,6 @@ import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from qdworker.events.websocket import (
     CLOSE_INTERNAL_ERROR,
     CLOSE_PING_TIMEOUT,
     CLOSE_UNAUTHORIZED,
+    ServerSettings,
     serve,
 )
 
@@ -44,7 +44,8 @@ async def running(hub: Hub | None = None, **kwargs: Any) -> AsyncIterator[tuple[
     kwargs.setdefault("ping_interval", 0)
     kwargs.setdefault("max_message_bytes", 4096)
     async with trio.open_nursery() as nursery:
-        port = await nursery.start(partial(serve, hub, host="127.0.0.1", port=0, **kwargs))
+        settings = ServerSettings(host="127.0.0.1", port=0, **kwargs)
+        port = await nursery.start(serve, hub, settings)
         yield hub, port
         nursery.cancel_scope.cancel()
 
@@ -377,7 +378,7 @@ async def test_dev_mode_every_client_is_admin() -> None:
 
 async def test_dev_mode_requires_loopback() -> None:
     with pytest.raises(ValueError):
-        await serve(Hub(), host="0.0.0.0", port=0, secret=None)
+        await serve(Hub(), ServerSettings(host="0.0.0.0", port=0, secret=None))
 
 
 async def test_handler_errors_do_not_kill_server(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -431,14 +432,8 @@ async def test_shutdown_closes_clients_with_going_away() -> None:
 
     async def run_server(task_status: trio.TaskStatus[int]) -> None:
         with server_scope:
-            await serve(
-                hub,
-                host="127.0.0.1",
-                port=0,
-                secret=SECRET,
-                ping_interval=0,
-                task_status=task_status,
-            )
+            settings = ServerSettings(host="127.0.0.1", port=0, secret=SECRET, ping_interval=0)
+            await serve(hub, settings, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         port = await nursery.start(run_server)

@@ -12,11 +12,12 @@ from typing import Any
 import psycopg
 import pytest
 import trio
+from waiting import wait_until_async
 
 from qdworker.config import Config
-from qdworker.supervisor.children import Child, ChildStatistics
+from qdworker.supervisor.children import Child, ChildStatistics, ChildTimings
 
-STANDIN = Path(__file__).resolve().parent / "standin_child.py"
+STANDIN = Path(__file__).resolve().parents[1] / "support" / "standin_child.py"
 DEADLINE_SECONDS = 15.0
 
 
@@ -45,12 +46,14 @@ class Inbox:
 
 
 async def wait_until(child: Child, predicate: Any) -> ChildStatistics:
-    """Poll the child's statistics until ``predicate`` holds (capped by the caller)."""
-    while True:
+    """Wait until the child's statistics satisfy ``predicate`` (capped by the caller)."""
+
+    def check() -> ChildStatistics | None:
         stats = child.statistics()
-        if predicate(stats):
-            return stats
-        await trio.sleep(0.02)
+        return stats if predicate(stats) else None
+
+    stats: ChildStatistics = await wait_until_async(check)
+    return stats
 
 
 def insert_job(sql: psycopg.Connection) -> int:
@@ -139,7 +142,7 @@ async def test_silent_child_is_killed_and_replaced(db_url: str) -> None:
     config = Config(shutdown_timeout=0.2)
     child = Child(
         config, index=0, database_url=db_url, argv=argv("hang"),
-        heartbeat_timeout=1.0, stop_margin=0.3,
+        timings=ChildTimings(heartbeat_timeout=1.0, stop_margin=0.3),
     )  # fmt: skip
     async with trio.open_nursery() as nursery:
         with trio.fail_after(DEADLINE_SECONDS):

@@ -18,7 +18,7 @@ from qdworker.db import embedded, migrate
 from qdworker.errors import ConfigError
 from qdworker.supervisor.main import Manager, serve
 
-STANDIN = Path(__file__).resolve().parent / "standin_child.py"
+STANDIN = Path(__file__).resolve().parents[1] / "support" / "standin_child.py"
 DEADLINE_SECONDS = 20.0
 
 

@@ -3,13 +3,13 @@ ride out a restarting database, and summaries of what the ``chaos`` job type did
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from waiting import wait_until
 
 #: Settings of the supervisors in fault tests: short leases and timeouts so faults resolve in
 #: seconds, and a poll far longer than any wait, so a job found late was found by the poll.
@@ -34,20 +34,17 @@ def query(url: str, sql: str, params: Any = None) -> list[dict[str, Any]]:
 def eventually(
     url: str, sql: str, ready: Callable[[list[dict[str, Any]]], bool], timeout: float = 60
 ) -> list[dict[str, Any]]:
-    """Run ``sql`` until ``ready(rows)``; rides out a database that is restarting. Fails after
-    ``timeout`` seconds. It waits for an outcome, bounded; it is not a sleep."""
-    deadline = time.monotonic() + timeout
-    rows: list[dict[str, Any]] = []
-    while True:
+    """Run ``sql`` until ``ready(rows)`` (see :func:`waiting.wait_until`), on a connection of
+    its own each time: it rides out a database that is restarting."""
+
+    def check() -> tuple[list[dict[str, Any]]] | None:  # a tuple: truthy even if rows=[]
         try:
             rows = query(url, sql)
-            if ready(rows):
-                return rows
         except psycopg.OperationalError:
-            pass
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting on {sql!r}: {rows!r}")
-        time.sleep(0.05)
+            return None
+        return (rows,) if ready(rows) else None
+
+    return wait_until(check, timeout, what=repr(sql))[0]
 
 
 def finished(url: str, at_least: int, timeout: float = 60) -> None:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,6 +13,10 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
+from waiting import wait_until
+
+__all__ = ["all_finished", "env_for", "running", "start_supervisor", "start_worker", "stop",
+           "wait_for", "wait_until"]  # fmt: skip
 
 SUPPORT = Path(__file__).resolve().parent
 ROOT = SUPPORT.parent.parent
@@ -91,31 +94,14 @@ def wait_for(
     timeout: float = 20,
     params: Any = None,
 ) -> list[dict[str, Any]]:
-    """Run ``query`` until ``ready(rows)`` holds; fail after ``timeout`` seconds.
-
-    This waits for an outcome in the database (what the test asserts on), bounded in time;
-    it is not a sleep standing in for synchronisation.
-    """
-    deadline = time.monotonic() + timeout
+    """Run ``query`` until ``ready(rows)`` holds (see :func:`waiting.wait_until`)."""
     with psycopg.connect(db_url, autocommit=True, row_factory=dict_row) as conn:
-        while True:
+
+        def check() -> tuple[list[dict[str, Any]]] | None:  # a tuple: truthy even if rows=[]
             rows = conn.execute(query, params).fetchall()
-            if ready(rows):
-                return rows
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting on {query!r}: {rows!r}")
-            time.sleep(0.02)
+            return (rows,) if ready(rows) else None
 
-
-def wait_until(predicate: Callable[[], T], timeout: float = 20) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s")
-        time.sleep(0.02)
+        return wait_until(check, timeout, what=repr(query))[0]
 
 
 def all_finished(rows: list[dict[str, Any]]) -> bool:

@@ -14,6 +14,7 @@ from typing import Literal
 
 import psycopg
 import pytest
+from waiting import wait_until
 
 from qdworker.errors import EmbeddedDatabaseError
 from qdworker.testing._postgres import PostgresServer
@@ -22,11 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
+    wait_until(cond, timeout, what=what)
 
 
 def pid_gone(pid: int) -> bool:

@@ -11,18 +11,16 @@ from typing import Any
 
 import psycopg
 import pytest
+from waiting import wait_until
 
-from qdworker.db import embedded
+from qdworker import devdb
 from qdworker.testing._postgres import PostgresServer
-from qdworker.testing._proxy import MAX_PENDING_BYTES, TcpProxy
+from qdworker.testing._proxy import TcpProxy
+from qdworker.testing._relay import MAX_PENDING_BYTES
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
+    wait_until(cond, timeout, what=what)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +79,7 @@ def test_query_through_proxy_blackhole_then_restore(proxy: TcpProxy, pg: Postgre
         assert proxy.bytes_to_server > 0 and proxy.bytes_to_client > 0
         # A client in another process goes through the proxy too.
         out = subprocess.run(
-            [embedded._bin("psql"), url, "-tAc", "SELECT 40 + 2"],
+            [devdb.bin_path("psql"), url, "-tAc", "SELECT 40 + 2"],
             capture_output=True,
             text=True,
             timeout=10,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from contextlib import asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
@@ -22,13 +21,10 @@ pytest.importorskip("web3")
 trio_asyncio = pytest.importorskip("trio_asyncio")
 
 import aiohttp  # noqa: E402
+from anvil import DEFAULT_ACCOUNTS, Anvil, load_artifacts  # noqa: E402
 from trio_asyncio import aio_as_trio  # noqa: E402
 from web3 import AsyncHTTPProvider, AsyncWeb3  # noqa: E402
 from web3.logs import DISCARD  # noqa: E402
-
-# Import the sibling helper whatever pytest's import mode / package layout is.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from anvil import DEFAULT_ACCOUNTS, Anvil, load_artifacts  # noqa: E402
 
 pytestmark = pytest.mark.trio
 

@@ -18,7 +18,9 @@ import psycopg
 import pytest
 import trio
 from anvil import Anvil
-from conftest import (
+from procs import all_finished, env_for, running, start_worker, wait_for
+from psycopg.rows import dict_row
+from web3_chain import (
     ALICE,
     BOB,
     OWNER,
@@ -27,8 +29,6 @@ from conftest import (
     prepare_app_db,
     web3_env,
 )
-from procs import all_finished, env_for, running, start_worker, wait_for
-from psycopg.rows import dict_row
 
 from qdworker.db import statements
 

@@ -11,8 +11,8 @@ from typing import Any
 import psycopg
 import pytest
 import trio
-from conftest import ALICE, BOB, OWNER, Chain, prepare_app_db, web3_env
 from trio_websocket import open_websocket_url
+from web3_chain import ALICE, BOB, OWNER, Chain, prepare_app_db, web3_env
 
 from qdworker import Config, Manager, serve
 from qdworker.events.tokens import mint
