@@ -19,7 +19,6 @@ import json
 import math
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
-from types import TracebackType
 from typing import Any, Literal, TypeVar, cast
 
 import psycopg
@@ -43,20 +42,6 @@ MAX_DATA_BYTES = 1024 * 1024
 #: Most jobs in one ``submit_jobs`` call (one statement).
 MAX_BATCH = 100_000
 
-_INT_FIELDS = ("user_id", "auto_reschedule_on_failure_delay", "remove_delay")
-_BOOL_FIELDS = ("auto_reschedule_on_failure", "persistent")
-
-
-def _name(fields: Mapping[str, Any], key: str, required: bool) -> str | None:
-    value = fields.get(key)
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_CHARS:
-        raise InvalidJobError(
-            f"{key} must be a non-empty string of at most {MAX_NAME_CHARS} characters"
-        )
-    return value
-
 
 def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
     """Validate one job's fields; return the JSON-ready dict ``insert_jobs`` takes.
@@ -70,13 +55,26 @@ def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidJobError(
             f"unknown job field(s) {sorted(unknown)}; accepted: {', '.join(USER_FIELDS)}"
         )
-    out: dict[str, Any] = {"type": _name(fields, "type", True)}
-    tag = _name(fields, "tag", False)
-    if tag is not None:
-        out["tag"] = tag
+    out: dict[str, Any] = {"type": _name("type", fields.get("type")), "data": _data(fields)}
+    for key, check in _OPTIONAL_FIELDS.items():
+        value = fields.get(key)
+        if value is not None:
+            out.update(check(key, value))
+    return out
+
+
+def _name(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_CHARS:
+        raise InvalidJobError(
+            f"{key} must be a non-empty string of at most {MAX_NAME_CHARS} characters"
+        )
+    return value
+
+
+def _data(fields: Mapping[str, Any]) -> Mapping[str, Any]:
     data = fields.get("data")
     if data is None:
-        data = {}
+        return {}
     if not isinstance(data, Mapping):
         raise InvalidJobError(f"data must be a JSON object (a dict), not {type(data).__name__}")
     try:
@@ -87,56 +85,82 @@ def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
         raise InvalidJobError(
             f"data is {len(encoded)} bytes as JSON; the limit is {MAX_DATA_BYTES}"
         )
-    out["data"] = data
-    for key in _INT_FIELDS:
-        value = fields.get(key)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidJobError(f"{key} must be an integer >= 0")
-        out[key] = value
-    for key in _BOOL_FIELDS:
-        value = fields.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, bool):
-            raise InvalidJobError(f"{key} must be true or false")
-        out[key] = value
-    due = fields.get("due")
-    if isinstance(due, datetime):
-        if due.tzinfo is None:
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tag(key: str, value: Any) -> dict[str, Any]:
+    return {key: _name(key, value)}
+
+
+def _count(key: str, value: Any) -> dict[str, Any]:
+    if not _is_int(value) or value < 0:
+        raise InvalidJobError(f"{key} must be an integer >= 0")
+    return {key: value}
+
+
+def _flag(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, bool):
+        raise InvalidJobError(f"{key} must be true or false")
+    return {key: value}
+
+
+def _due(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
             raise InvalidJobError("due must be a timezone-aware datetime")
-        out["due"] = due.isoformat()
-    elif isinstance(due, timedelta):
-        out["delay_ms"] = due.total_seconds() * 1000
-    elif isinstance(due, int | float) and not isinstance(due, bool) and math.isfinite(due):
-        out["delay_ms"] = float(due) * 1000
-    elif due is not None:
-        raise InvalidJobError("due must be a datetime, a timedelta or a number of seconds")
-    schedule = fields.get("cron_schedule")
-    if schedule is not None:
-        if not isinstance(schedule, str):
-            raise InvalidJobError("cron_schedule must be a string")
-        try:
-            out["cron_schedule"] = cron.validate(schedule)
-        except ValueError as exc:
-            raise InvalidJobError(str(exc)) from None
-    max_attempts = fields.get("max_attempts")
-    if max_attempts is not None:
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise InvalidJobError("max_attempts must be an integer >= 1 (or None: unlimited)")
-        out["max_attempts"] = max_attempts
-    backoff = fields.get("backoff")
-    if backoff is not None:
-        if backoff not in backoff_rules.BACKOFFS:
-            raise InvalidJobError(f"backoff must be one of {', '.join(backoff_rules.BACKOFFS)}")
-        out["backoff"] = backoff
-    timeout = fields.get("timeout_seconds")
-    if timeout is not None:
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-            raise InvalidJobError("timeout_seconds must be a number > 0")
-        out["timeout_seconds"] = float(timeout)
-    return out
+        return {"due": value.isoformat()}
+    if isinstance(value, timedelta):
+        return {"delay_ms": value.total_seconds() * 1000}
+    if (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
+        return {"delay_ms": float(value) * 1000}
+    raise InvalidJobError("due must be a datetime, a timedelta or a number of seconds")
+
+
+def _cron_schedule(key: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, str):
+        raise InvalidJobError("cron_schedule must be a string")
+    try:
+        return {key: cron.validate(value)}
+    except ValueError as exc:
+        raise InvalidJobError(str(exc)) from None
+
+
+def _max_attempts(key: str, value: Any) -> dict[str, Any]:
+    if not _is_int(value) or value < 1:
+        raise InvalidJobError("max_attempts must be an integer >= 1 (or None: unlimited)")
+    return {key: value}
+
+
+def _backoff(key: str, value: Any) -> dict[str, Any]:
+    if value not in backoff_rules.BACKOFFS:
+        raise InvalidJobError(f"backoff must be one of {', '.join(backoff_rules.BACKOFFS)}")
+    return {key: value}
+
+
+def _timeout(key: str, value: Any) -> dict[str, Any]:
+    if not (_is_int(value) or isinstance(value, float)) or not value > 0:
+        raise InvalidJobError("timeout_seconds must be a number > 0")
+    return {key: float(value)}
+
+
+#: How each optional field is checked (``None`` means "not given"), in the order reported.
+_OPTIONAL_FIELDS: dict[str, Callable[[str, Any], dict[str, Any]]] = {
+    "tag": _tag,
+    "user_id": _count,
+    "auto_reschedule_on_failure_delay": _count,
+    "remove_delay": _count,
+    "auto_reschedule_on_failure": _flag,
+    "persistent": _flag,
+    "due": _due,
+    "cron_schedule": _cron_schedule,
+    "max_attempts": _max_attempts,
+    "backoff": _backoff,
+    "timeout_seconds": _timeout,
+}
 
 
 #: Parameters of the single-job ``insert_job`` statement.
@@ -179,12 +203,7 @@ class Queue:
     async def __aenter__(self) -> Queue:
         return await self.open()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def submit_job(self, *, connection: Any = None, **fields: Any) -> Job:
@@ -252,12 +271,12 @@ async def _on_callers(connection: Any, name: str, params: Mapping[str, Any]) -> 
 
 def _default_dsn() -> str:
     from . import config as config_module
-    from .db import embedded
+    from . import devdb
 
     settings = config_module.load()
     if settings.database_url:
         return settings.database_url
-    url = embedded.url_for(settings.data_dir)
+    url = devdb.url_for(settings.data_dir)
     if url is None:
         raise DatabaseError(
             f"DATABASE_URL is not set and no embedded Postgres runs in {settings.data_dir}: "

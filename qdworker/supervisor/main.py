@@ -42,11 +42,12 @@ from typing import Any, Final
 
 import trio
 
+from .. import devdb
 from .._net import is_loopback
 from .._redact import redact
 from ..client import Queue
 from ..config import Config
-from ..db import embedded, migrate
+from ..db import migrate
 from ..db.connect import DbOptions
 from ..db.connection import connect, wait_until_reachable
 from ..errors import ConfigError, EmbeddedDatabaseError
@@ -187,7 +188,7 @@ async def embedded_database(config: Config) -> AsyncIterator[str]:
         yield config.database_url
         return
     try:
-        server = await trio.to_thread.run_sync(embedded.start, config.data_dir)
+        server = await trio.to_thread.run_sync(devdb.start, config.data_dir)
     except EmbeddedDatabaseError:
         raise
     except OSError as exc:
@@ -203,7 +204,7 @@ async def embedded_database(config: Config) -> AsyncIterator[str]:
         yield server.url
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(embedded.stop, server)
+            await trio.to_thread.run_sync(devdb.stop, server)
 
 
 def _router(hub: Hub, relay: Relay, on_message: MessageHandler | None) -> MessageHandler:

@@ -50,7 +50,6 @@ import selectors
 import socket
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Final, Self
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -223,12 +222,7 @@ class TcpProxy:
             self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def __repr__(self) -> str:

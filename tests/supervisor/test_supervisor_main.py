@@ -13,8 +13,9 @@ import psycopg
 import pytest
 import trio
 
+from qdworker import devdb
 from qdworker.config import Config
-from qdworker.db import embedded, migrate
+from qdworker.db import migrate
 from qdworker.errors import ConfigError
 from qdworker.supervisor.main import Manager, serve
 
@@ -103,9 +104,9 @@ async def test_embedded_database_is_started_migrated_and_stopped(data_dir: Path)
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             manager: Manager = await nursery.start(serve, config)
-            assert embedded.url_for(data_dir) == manager.url
+            assert devdb.url_for(data_dir) == manager.url
             with psycopg.connect(manager.url) as conn:
                 versions = conn.execute("SELECT version FROM qdworker_migrations").fetchall()
             assert versions == [(m.version,) for m in migrate.available()]
             await manager.shutdown()
-    assert embedded.url_for(data_dir) is None
+    assert devdb.url_for(data_dir) is None
