@@ -68,7 +68,7 @@ class QdworkerAdapter(pycommon.Adapter):
     config = {
         "settings": "qdworker defaults (WORKER_COUNT=1, QDWORKER_CONCURRENCY=10, "
         "QDWORKER_POLL_INTERVAL=5, NOTIFY wake-up, websocket server on)",
-        "supervisor": "python -m qdworker (worker child python -m qdworker.worker)",
+        "supervisor": "python -m qdworker (worker child python -m qdworker._worker)",
         "driver": "psycopg 3 sync, via trio threads",
         "log_level": "warn",
     }

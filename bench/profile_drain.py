@@ -28,8 +28,8 @@ ROOT = Path(os.environ.get("QDWORKER_ROOT") or Path(__file__).resolve().parent.p
 sys.path.insert(0, str(ROOT))
 
 from qdworker import Queue  # noqa: E402
-from qdworker.benchmark import procs  # noqa: E402
-from qdworker.benchmark.jobs import NOOP  # noqa: E402
+from qdworker._benchmark import procs  # noqa: E402
+from qdworker._benchmark.jobs import NOOP  # noqa: E402
 
 DB = "qdworker_prof"
 

@@ -1,47 +1,61 @@
 """qdworker: a Postgres-backed background job worker for trio and asyncio apps.
 
-Jobs are rows in ``worker_jobs``; ``python -m qdworker`` runs the workers. The public API is
-what ``__all__`` lists; every other module is private.
+Jobs are rows in ``worker_jobs``; ``python -m qdworker`` runs the workers. This module is the
+public API, with :mod:`qdworker.errors` (every exception), :mod:`qdworker.testing` (the test
+kit) and :mod:`qdworker.web3` (the optional web3 job types). Every module whose name starts
+with an underscore is private: its names may change in any release.
 """
 
 from __future__ import annotations
 
-from .client import Queue
-from .config import Config
+from ._client import CancelOutcome, Queue
+from ._config import Config
+from ._events.tokens import ws_token
+from ._model import Job, JobStatus
+from ._registry import Context, CronJob, cron, job, on_startup
+from ._supervisor.main import Manager, serve
+from ._worker.context import JobContext
 from .errors import (
+    ClaimLostError,
     ConfigError,
     DatabaseError,
+    DatabaseUnavailableError,
     EmbeddedDatabaseError,
     InvalidJobError,
     JobTypeError,
     MigrationError,
+    OutcomeUnknownError,
     QdworkerError,
     TokenError,
 )
-from .events.tokens import ws_token
-from .model import Job
-from .registry import job
-from .supervisor.main import Manager, serve
-from .worker.context import JobContext
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CancelOutcome",
+    "ClaimLostError",
     "Config",
     "ConfigError",
+    "Context",
+    "CronJob",
     "DatabaseError",
+    "DatabaseUnavailableError",
     "EmbeddedDatabaseError",
     "InvalidJobError",
     "Job",
     "JobContext",
+    "JobStatus",
     "JobTypeError",
     "Manager",
     "MigrationError",
+    "OutcomeUnknownError",
     "QdworkerError",
     "Queue",
     "TokenError",
     "__version__",
+    "cron",
     "job",
+    "on_startup",
     "serve",
     "ws_token",
 ]

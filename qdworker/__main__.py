@@ -1,10 +1,10 @@
-"""``python -m qdworker``: the command line (:mod:`qdworker.cli`)."""
+"""``python -m qdworker``: the command line (:mod:`qdworker._cli`)."""
 
 from __future__ import annotations
 
 import sys
 
-from .cli import main
+from ._cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

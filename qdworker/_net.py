@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["is_loopback", "normalize_host"]
-
 
 def normalize_host(host: str) -> str:
     """``host`` as a bind address: trimmed, without the brackets of an IPv6 literal

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["redact"]
-
 _PASSWORD_RE = re.compile(r"(://[^:/@]*:)[^@]*@|(password\s*=\s*)\S+", re.IGNORECASE)
 
 

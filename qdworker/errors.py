@@ -16,7 +16,7 @@
     └── TokenError                     a websocket token is expired, forged or malformed (.code)
 
 psycopg's errors are translated into this tree in one place,
-:func:`qdworker.db.connect.translate`; no psycopg exception leaves qdworker's API.
+:func:`qdworker._db.connect.translate`; no psycopg exception leaves qdworker's API.
 
 Errors raised inside a job handler are not wrapped: they fail that job (its ``result`` says
 ``{"error": message, "error_type": class name}``) and never reach the caller of the worker.

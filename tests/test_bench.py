@@ -19,8 +19,8 @@ def _bench(db_url: str, *args: str) -> list[dict]:
     env["DATABASE_URL"] = db_url  # the bench makes (and drops) its scratch database on this server
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        # `python -m qdworker.benchmark ARGS` is `python -m qdworker bench ARGS`.
-        [sys.executable, "-m", "qdworker.benchmark", "--json", *args],
+        # `python -m qdworker._benchmark ARGS` is `python -m qdworker bench ARGS`.
+        [sys.executable, "-m", "qdworker", "bench", "--json", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -89,7 +89,7 @@ def test_bench_json_lines(pg_server_url: str) -> None:
 
 def test_bench_rejects_unknown_workload() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "qdworker.benchmark", "--workloads", "drain,nope"],
+        [sys.executable, "-m", "qdworker", "bench", "--workloads", "drain,nope"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -102,7 +102,7 @@ def test_bench_rejects_unknown_workload() -> None:
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_bench_rejects_bad_n(value: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "qdworker.benchmark", "--n", value],
+        [sys.executable, "-m", "qdworker", "bench", "--n", value],
         capture_output=True,
         text=True,
         timeout=60,

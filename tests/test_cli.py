@@ -16,7 +16,7 @@ import pytest
 import trio
 from waiting import wait_until_async
 
-from qdworker import config
+from qdworker import _config as config
 
 DEADLINE_SECONDS = 30.0
 

@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from qdworker import InvalidJobError, Job, Queue, client
-from qdworker.model import USER_FIELDS
+from qdworker import InvalidJobError, Job, Queue
+from qdworker import _client as client
+from qdworker._model import USER_FIELDS
 
 
 async def test_submit_job_from_trio_stores_every_field(db_url: str) -> None:

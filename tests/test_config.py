@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from qdworker import config
+from qdworker import Config
+from qdworker import _config as config
 from qdworker.errors import ConfigError
 
 
@@ -70,3 +71,9 @@ def test_every_setting_has_a_unique_env_name_and_flag() -> None:
     flags = [s.flag for s in config.SETTINGS]
     assert len(set(envs)) == len(envs) and len(set(flags)) == len(flags)
     assert {s.field for s in config.SETTINGS} == set(config.Config.__dataclass_fields__)
+
+
+def test_config_from_env_reads_like_the_command_line() -> None:
+    assert Config.from_env({"WORKER_COUNT": "3"}).worker_count == 3
+    with pytest.raises(ConfigError, match="WORKER_COUNT"):
+        Config.from_env({"WORKER_COUNT": "many"})

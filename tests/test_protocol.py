@@ -15,7 +15,7 @@ import pytest
 import trio
 import trio.testing
 
-from qdworker import protocol
+from qdworker import _protocol as protocol
 
 SMALL_MAX = 4096
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -187,7 +187,7 @@ def test_child_stream_from_env_errors(monkeypatch: pytest.MonkeyPatch) -> None:
 
 CHILD_SCRIPT = """
 import trio
-from qdworker import protocol
+from qdworker import _protocol as protocol
 
 async def main():
     stream = protocol.child_stream_from_env()

@@ -28,9 +28,14 @@ MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
 
+def plain(name: str) -> str:
+    """``name`` without the underscore that marks it private (``__init__`` stays)."""
+    return name[1:] if name.startswith("_") and not name.startswith("__") else name
+
+
 def room(package: Path, path: Path) -> str:
     """The top-level module or folder ``path`` belongs to (without a leading underscore)."""
-    return path.relative_to(package).parts[0].removesuffix(".py").lstrip("_") or "__init__"
+    return plain(path.relative_to(package).parts[0].removesuffix(".py"))
 
 
 def imported_rooms(package: Path, path: Path) -> set[str]:
@@ -44,16 +49,16 @@ def imported_rooms(package: Path, path: Path) -> set[str]:
             for alias in node.names:
                 parts = alias.name.split(".")
                 if parts[0] == name and len(parts) > 1:
-                    found.add(parts[1].lstrip("_"))
+                    found.add(plain(parts[1]))
         elif isinstance(node, ast.ImportFrom):
             module = (node.module or "").split(".")
             if node.level == 0:
                 if module[0] == name:
                     targets = module[1:2] or [alias.name for alias in node.names]
-                    found.update(t.lstrip("_") for t in targets)
+                    found.update(plain(t) for t in targets)
             elif node.level > depth:  # relative import of another top-level room
                 targets = module[:1] if module[0] else [alias.name for alias in node.names]
-                found.update(t.lstrip("_") for t in targets)
+                found.update(plain(t) for t in targets)
     return found
 
 
@@ -88,7 +93,8 @@ def long_functions(package: Path) -> list[tuple[str, str, int]]:
 
 def main() -> None:
     package = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent.parent / "qdworker"
-    modules, functions, upward = long_modules(package), long_functions(package), upward_imports(package)
+    modules, functions = long_modules(package), long_functions(package)
+    upward = upward_imports(package)
     print(f"modules over {MAX_MODULE_LINES} lines: {len(modules)}")
     for path, n in modules:
         print(f"  {path} ({n})")

@@ -20,8 +20,6 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-__all__ = ["TEST_DATABASE_URL_ENV", "TestDatabases", "test_server", "with_dbname"]
-
 #: Use this server instead of starting the embedded Postgres.
 TEST_DATABASE_URL_ENV = "QDWORKER_TEST_DATABASE_URL"
 #: The embedded test server's data dir (kept between sessions: a restart takes ~0.1 s).
@@ -42,7 +40,7 @@ def test_server(data_dir: Path = DEFAULT_DATA_DIR) -> Iterator[str]:
     if url:
         yield url
         return
-    from .. import devdb
+    from .. import _devdb as devdb
     from ..errors import EmbeddedDatabaseError
 
     try:
@@ -72,7 +70,7 @@ class TestDatabases:
         """(Re)create and migrate the template; returns its URL."""
         import trio
 
-        from ..db import connection, migrate
+        from .._db import connection, migrate
 
         with self._admin() as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {self.template} WITH (FORCE)")

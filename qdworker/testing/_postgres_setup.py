@@ -11,7 +11,7 @@ Folders. :func:`allocate_folders` makes one folder per server,
 
 If that socket path would be too long for ``sun_path``, the socket folder is a second
 ``mkdtemp`` under ``/tmp`` instead, owned the same way. As root the data and socket folders
-belong to the system user that runs Postgres (:func:`qdworker.devdb.postgres_user`), and a
+belong to the system user that runs Postgres (:func:`qdworker._devdb.postgres_user`), and a
 ``base_dir`` that user cannot traverse is refused: nothing is chmod'ed (pytest's ``tmp_path``,
 below the 0700 ``/tmp/pytest-of-root``, is such a folder: use the default).
 
@@ -47,10 +47,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from .. import devdb
+from .. import _devdb as devdb
 from ..errors import EmbeddedDatabaseError
 
-logger = logging.getLogger("qdworker.testing._postgres")
+logger = logging.getLogger("qdworker.testing.postgres")
 
 HOST: Final = "127.0.0.1"
 """The address every server listens on (and the host of its URL)."""
@@ -107,7 +107,7 @@ def _check_reachable(folder: Path) -> None:
 
 def allocate_folders(base_dir: Path | None) -> Folders:
     """Make a new server's folders under `base_dir` (default ``/tmp``); as root, after making
-    the binaries usable (:func:`qdworker.devdb.prepare_binaries`), owned by the Postgres
+    the binaries usable (:func:`qdworker._devdb.prepare_binaries`), owned by the Postgres
     user. Removes what it made if it fails."""
     devdb.prepare_binaries()
     pw = devdb.postgres_user()

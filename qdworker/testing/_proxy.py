@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import logging
 import selectors
 import socket
 import threading
@@ -54,9 +53,10 @@ from typing import Final, Self
 
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from .._logs import module_logger
 from ._relay import Relay
 
-logger = logging.getLogger(__name__)
+logger = module_logger(__name__)
 
 CONTROL_TIMEOUT_SECONDS: Final = 5.0
 """How long a control method waits for the loop thread to apply it."""

@@ -30,7 +30,7 @@ import socket
 import struct
 from typing import Final, Literal
 
-logger = logging.getLogger("qdworker.testing._proxy")
+logger = logging.getLogger("qdworker.testing.proxy")
 
 MAX_PENDING_BYTES: Final = 256 * 1024
 """Per connection and direction: bytes read but not yet delivered, at most."""

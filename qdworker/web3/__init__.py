@@ -13,15 +13,15 @@ as any job module's (see :mod:`.startup`).
 
 from __future__ import annotations
 
-from . import config as _config
+from . import _config
 
 _config.current()  # fail now, with one line, if the settings are bad
 
-from . import multicall3, watch  # noqa: E402  (registers the job types)
-from .config import Chain, Web3Config, current  # noqa: E402
-from .filters import ChainFilter, ChainLog, chain_filter, registered_filters  # noqa: E402
-from .startup import WATCH_CHAIN  # noqa: E402
-from .tx import ChainTransaction  # noqa: E402
+from . import _multicall3, _watch  # noqa: E402, F401  (registers the job types)
+from ._config import Chain, Web3Config, current  # noqa: E402
+from ._filters import ChainFilter, ChainLog, chain_filter, registered_filters  # noqa: E402
+from ._startup import WATCH_CHAIN  # noqa: E402
+from ._tx import ChainTransaction  # noqa: E402
 
 __all__ = [
     "WATCH_CHAIN",
@@ -32,7 +32,5 @@ __all__ = [
     "Web3Config",
     "chain_filter",
     "current",
-    "multicall3",
     "registered_filters",
-    "watch",
 ]

@@ -7,8 +7,6 @@ from typing import Any
 
 import trio_asyncio
 
-__all__ = ["trio_as_aio", "trio_executor"]
-
 
 def trio_as_aio(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``fn`` (a trio coroutine function) callable and awaitable from asyncio code."""

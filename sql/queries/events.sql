@@ -1,4 +1,4 @@
--- The events relay (qdworker/events/relay.py): events between supervisors through Postgres.
+-- The events relay (qdworker/_events/relay.py): events between supervisors through Postgres.
 -- Channel, payload forms and SQL functions: sql/migrations/0003_events.sql.
 
 -- name: events_listen

@@ -1,4 +1,4 @@
-"""Tests for qdworker.devdb: real Postgres processes, no mocks."""
+"""Tests for qdworker._devdb: real Postgres processes, no mocks."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict
 from waiting import wait_until
 
-from qdworker import devdb
-from qdworker.devdb import _binaries, _permissions, _placement, _wheel, plan_permission_changes
+from qdworker import _devdb as devdb
+from qdworker._devdb import _binaries, _permissions, _placement, _wheel, plan_permission_changes
 from qdworker.errors import EmbeddedDatabaseError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ IS_ROOT = os.geteuid() == 0
 CHILD = """
 import sys
 from pathlib import Path
-from qdworker.devdb import start
+from qdworker._devdb import start
 s = start(Path(sys.argv[1]))
 print(s.url, s.pid, s.started_here, flush=True)
 sys.stdin.read()  # block until killed (or stdin closed)
@@ -283,7 +283,7 @@ def test_refuses_to_loosen_home_directory(tmp_path: Path, monkeypatch: pytest.Mo
 def fake_home() -> Iterator[Path]:
     """A real home directory (0700) of a temporary ordinary user (uid >= 1000), under /tmp.
 
-    qdworker.devdb treats the pw_dir of every uid in 1000..65533 as a home.
+    qdworker._devdb treats the pw_dir of every uid in 1000..65533 as a home.
     """
     if not IS_ROOT:
         pytest.skip("home directories only matter when running as root")
@@ -326,7 +326,7 @@ def test_data_dir_in_home_is_relocated(fake_home: Path, caplog: pytest.LogCaptur
     assert cluster.parent == Path("/var/lib/qdworker/clusters")
     pgdata = cluster / "pgdata"
     shutil.rmtree(cluster, ignore_errors=True)
-    caplog.set_level("INFO", logger=devdb.__name__)
+    caplog.set_level("INFO", logger="qdworker.devdb")
 
     def gone(pid: int) -> bool:
         return (
@@ -431,7 +431,7 @@ def test_binaries_in_home_are_copied_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     install, state = binaries_in_home
-    caplog.set_level("INFO", logger=devdb.__name__)
+    caplog.set_level("INFO", logger="qdworker.devdb")
     s = devdb.start(data_dir)
     try:
         copy = state / f"pginstall-{_wheel.wheel_version()}"

@@ -8,7 +8,7 @@ from datetime import timedelta
 import psycopg
 import pytest
 
-from qdworker.db import connection, migrate
+from qdworker._db import connection, migrate
 
 CANCELLED = {"error": "Job cancelled due to new job being created"}
 
@@ -233,8 +233,8 @@ async def test_concurrent_migrators_do_not_race(empty_db_url: str) -> None:
 
 
 def test_claim_returns_the_job_fields_in_order(sql: psycopg.Connection) -> None:
-    from qdworker.db import statements
-    from qdworker.model import COLUMNS
+    from qdworker._db import statements
+    from qdworker._model import COLUMNS
 
     sql.execute("INSERT INTO worker_jobs (type) VALUES ('x')")
     cur = sql.execute(

@@ -19,7 +19,7 @@ from procs import ROOT, SUPPORT
 from trio_websocket import WebSocketConnection, open_websocket_url, wrap_client_stream
 
 from qdworker import Config, Manager, Queue, serve
-from qdworker.events.tokens import mint
+from qdworker._events.tokens import mint
 
 SECRET = "end-to-end-secret-0123456789abcdef"
 TIMEOUT = 30

@@ -7,8 +7,8 @@ import pytest
 import trio
 import trio.testing
 
-from qdworker.events.hub import Hub, HubClient, Subscription
-from qdworker.events.tokens import Identity
+from qdworker._events.hub import Hub, HubClient, Subscription
+from qdworker._events.tokens import Identity
 
 pytestmark = pytest.mark.trio
 
@@ -89,7 +89,7 @@ async def test_send_to_user_and_broadcast_isolation() -> None:
 
 
 async def test_serialised_once_per_publish(monkeypatch: pytest.MonkeyPatch) -> None:
-    import qdworker.events.hub as hub_module
+    import qdworker._events.hub as hub_module
 
     calls = 0
     real = hub_module._dumps

@@ -21,10 +21,11 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 from waiting import wait_until_async
 
-from qdworker.events.hub import Hub
-from qdworker.events.relay import PAYLOAD_TARGET_BYTES, Relay, RelayStatistics
-from qdworker.events.tokens import mint
-from qdworker.events.websocket import ServerSettings, serve
+from qdworker._events.hub import Hub
+from qdworker._events.relay import Relay, RelayStatistics
+from qdworker._events.relay_publisher import PAYLOAD_TARGET_BYTES
+from qdworker._events.tokens import mint
+from qdworker._events.websocket import ServerSettings, serve
 
 pytestmark = pytest.mark.trio
 
@@ -293,4 +294,5 @@ async def test_forward_latency(db_url: str) -> None:
             median * 1000,
             max(latencies) * 1000,
         )
-        assert median < 0.1
+        # Pushed by NOTIFY, a few ms; a relay waiting for anything periodic would take seconds.
+        assert median < 0.5

@@ -7,8 +7,7 @@ import time
 import jwt
 import pytest
 
-from qdworker.errors import TokenError
-from qdworker.events.tokens import (
+from qdworker._events.tokens import (
     TOKEN_EXPIRED,
     TOKEN_INVALID,
     TOKEN_MALFORMED,
@@ -16,6 +15,7 @@ from qdworker.events.tokens import (
     mint,
     verify,
 )
+from qdworker.errors import TokenError
 
 SECRET = "test-secret-that-is-long-enough-for-hs256-and-even-for-hs512-tokens!!"
 

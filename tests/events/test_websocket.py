@@ -17,18 +17,17 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
-from qdworker.events.hub import Hub, HubClient
-from qdworker.events.tokens import mint
-from qdworker.events.websocket import (
+from qdworker._events._messages import (
     CLOSE_CLIENT_TOO_SLOW,
     CLOSE_CONNECTION_LIMIT,
     CLOSE_GOING_AWAY,
     CLOSE_INTERNAL_ERROR,
     CLOSE_PING_TIMEOUT,
     CLOSE_UNAUTHORIZED,
-    ServerSettings,
-    serve,
 )
+from qdworker._events.hub import Hub, HubClient
+from qdworker._events.tokens import mint
+from qdworker._events.websocket import ServerSettings, serve
 
 pytestmark = pytest.mark.trio
 

@@ -1,4 +1,4 @@
-"""trio-websocket internals that qdworker/events/_batched_send.py relies on.
+"""trio-websocket internals that qdworker/_events/_batched_send.py relies on.
 
 ``send_many`` writes a batch of text messages in one write through private attributes of
 ``WebSocketConnection`` (trio-websocket 0.12.x, pinned in pyproject.toml). These tests fail,
@@ -24,14 +24,14 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from qdworker.events._batched_send import REQUIRED_INTERNALS, has_internals, send_many
+from qdworker._events._batched_send import REQUIRED_INTERNALS, has_internals, send_many
 
 pytestmark = pytest.mark.trio
 
 TIMEOUT = 10
 ADVICE = (
     f"trio-websocket {version('trio-websocket')} changed the WebSocketConnection internals "
-    "that qdworker/events/_batched_send.py uses for one-write batches; adapt send_many to the "
+    "that qdworker/_events/_batched_send.py uses for one-write batches; adapt send_many to the "
     "new internals (or a public batch API) and the trio-websocket pin in pyproject.toml"
 )
 

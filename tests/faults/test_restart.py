@@ -20,10 +20,10 @@ from procs import running, start_supervisor, stop
 from psycopg.conninfo import conninfo_to_dict
 from runs import overlapping, read_runs, runs_per_job
 
-from qdworker.db.connect import DbOptions
+from qdworker._db.connect import DbOptions
+from qdworker._worker.claimer import Claimer
+from qdworker._worker.flow import Flow
 from qdworker.testing import PostgresServer, worker_pids
-from qdworker.worker.claimer import Claimer
-from qdworker.worker.flow import Flow
 
 JOBS = 5000
 

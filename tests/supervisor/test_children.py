@@ -14,8 +14,8 @@ import pytest
 import trio
 from waiting import wait_until_async
 
-from qdworker.config import Config
-from qdworker.supervisor.children import Child, ChildStatistics, ChildTimings
+from qdworker._config import Config
+from qdworker._supervisor.children import Child, ChildStatistics, ChildTimings
 
 STANDIN = Path(__file__).resolve().parents[1] / "support" / "standin_child.py"
 DEADLINE_SECONDS = 15.0

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from qdworker import logs
+from qdworker import _logs as logs
 
 
 @pytest.fixture

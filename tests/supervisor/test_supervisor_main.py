@@ -13,11 +13,11 @@ import psycopg
 import pytest
 import trio
 
-from qdworker import devdb
-from qdworker.config import Config
-from qdworker.db import migrate
+from qdworker import _devdb as devdb
+from qdworker._config import Config
+from qdworker._db import migrate
+from qdworker._supervisor.main import Manager, serve
 from qdworker.errors import ConfigError
-from qdworker.supervisor.main import Manager, serve
 
 STANDIN = Path(__file__).resolve().parents[1] / "support" / "standin_child.py"
 DEADLINE_SECONDS = 20.0

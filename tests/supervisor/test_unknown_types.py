@@ -2,7 +2,7 @@
 (``qdworker_workers``), and the supervisor's maintenance fails a due job of an unknown type
 once, with ``UnknownJobType``, after ``QDWORKER_UNKNOWN_TYPE_TIMEOUT`` (1 s here: maintenance
 then runs every 0.25 s), never while no worker is alive, and never retries it. A job that keeps
-failing retries no faster than the floor of ``qdworker/schedule/backoff.py``.
+failing retries no faster than the floor of ``qdworker/_schedule/backoff.py``.
 
 Real supervisor processes on a real Postgres."""
 

@@ -43,7 +43,7 @@ def env_for(db_url: str, **settings: str) -> dict[str, str]:
 def start_worker(db_url: str, **settings: str) -> subprocess.Popen[bytes]:
     """A bare worker child (no supervisor, no IPC)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "qdworker.worker"], env=env_for(db_url, **settings)
+        [sys.executable, "-m", "qdworker._worker"], env=env_for(db_url, **settings)
     )
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import trio
 
-from qdworker.registry import job
+from qdworker._registry import job
 
 
 @job("supSleep")

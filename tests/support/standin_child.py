@@ -1,6 +1,6 @@
 """A stand-in worker child for supervisor tests: ``python standin_child.py MODE``.
 
-Speaks the real IPC protocol (``qdworker.supervisor.ipc`` frames on ``QDWORKER_IPC_FD``) with
+Speaks the real IPC protocol (``qdworker._supervisor.ipc`` frames on ``QDWORKER_IPC_FD``) with
 blocking sockets, so the supervisor side is tested against a real process. Modes:
 
 ``crash``       exit 3 at once (a worker whose job modules fail to import)
@@ -21,7 +21,7 @@ import socket
 import sys
 import time
 
-from qdworker.protocol import encode_frame
+from qdworker._protocol import encode_frame
 
 MODE = sys.argv[1]
 WORKER_ID = os.environ["QDWORKER_WORKER_ID"]

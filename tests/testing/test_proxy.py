@@ -13,7 +13,7 @@ import psycopg
 import pytest
 from waiting import wait_until
 
-from qdworker import devdb
+from qdworker import _devdb as devdb
 from qdworker.testing._postgres import PostgresServer
 from qdworker.testing._proxy import TcpProxy
 from qdworker.testing._relay import MAX_PENDING_BYTES

@@ -2,7 +2,7 @@
 
 The node is a real anvil (``tests/support/anvil.py``), chain state is driven with web3.py's
 sync client from the test process (``tests/support/web3_chain.py``), and the job types run in
-real worker processes (``python -m qdworker.worker``) loading ``qdworker.web3`` plus the
+real worker processes (``python -m qdworker._worker``) loading ``qdworker.web3`` plus the
 example and test filters.
 """
 

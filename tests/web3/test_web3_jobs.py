@@ -30,7 +30,7 @@ from web3_chain import (
     web3_env,
 )
 
-from qdworker.db import statements
+from qdworker._db import statements
 
 MULTICALL3 = "0xcA11bde05977b3631167028862bE2a173976CA11"
 PROGRESS_KEY = "chain_last_processed_block_anvil"
@@ -161,15 +161,15 @@ def test_deploy_multicall3_on_fresh_chain_then_noop(db_url: str, worker: Any) ->
 
 
 def test_ensure_web3_jobs(db_url: str, web3_pkg: Any) -> None:
-    from qdworker.db.connection import connect
-    from qdworker.supervisor.startup import ensure_cron_jobs
+    from qdworker._db.connection import connect
+    from qdworker._supervisor.startup import ensure_cron_jobs
 
     async def ensure_twice() -> None:  # what the module declares, as supervisors ensure it
         conn = await connect(db_url)
         try:
             for _ in range(2):
                 await ensure_cron_jobs(conn, [web3_pkg.WATCH_CHAIN], "UTC")
-                await web3_pkg.startup.submit_deploy_multicall3(conn, "UTC")
+                await web3_pkg._startup.submit_deploy_multicall3(conn, "UTC")
         finally:
             await conn.aclose()
 
@@ -202,7 +202,7 @@ def test_ensure_web3_jobs(db_url: str, web3_pkg: Any) -> None:
 def test_bad_settings_stop_worker_start(db_url: str, env: dict[str, str], line: str) -> None:
     settings = {**web3_env("http://127.0.0.1:9"), **env}
     proc = subprocess.run(
-        [sys.executable, "-m", "qdworker.worker"],
+        [sys.executable, "-m", "qdworker._worker"],
         env=env_for(db_url, **settings),
         capture_output=True,
         text=True,
@@ -222,8 +222,8 @@ def test_watch_chain_cron_notifies_token_created_and_transfers(
     prepare_app_db(db_url, {OWNER: 1, ALICE: 2})
     start = chain.head() + 1
     worker(**web3_env(chain.node.url, chain.factory.address, start_block=start))
-    from qdworker.db.connection import connect
-    from qdworker.supervisor.startup import ensure_cron_jobs
+    from qdworker._db.connection import connect
+    from qdworker._supervisor.startup import ensure_cron_jobs
 
     async def ensure() -> None:  # the cron job exactly as the supervisor ensures it
         conn = await connect(db_url)

@@ -15,7 +15,7 @@ from trio_websocket import open_websocket_url
 from web3_chain import ALICE, BOB, OWNER, Chain, prepare_app_db, web3_env
 
 from qdworker import Config, Manager, serve
-from qdworker.events.tokens import mint
+from qdworker._events.tokens import mint
 
 SECRET = "web3-websocket-test-secret-0123456789"
 

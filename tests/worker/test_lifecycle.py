@@ -10,7 +10,7 @@ from procs import all_finished, running, start_worker, stop, wait_for
 from test_worker import JOBS, sql
 
 from qdworker import Queue
-from qdworker.schedule import backoff
+from qdworker._schedule import backoff
 
 FAST = {"QDWORKER_LEASE_SECONDS": "1", "QDWORKER_POLL_INTERVAL": "0.5"}
 
@@ -37,7 +37,7 @@ def test_retry_chain_copies_every_field_including_persistent(jobs_db: str) -> No
         ) == ("retry-me", 7, {"message": "nope"}, True, 5000)
         assert row["success"] is False
     # The job's delay is 100 ms, but retries never come faster than the floor: 1 s after
-    # the first attempt, 2 s after the second (qdworker/schedule/backoff.py).
+    # the first attempt, 2 s after the second (qdworker/_schedule/backoff.py).
     for (before, after), floor_ms in zip(itertools.pairwise(rows), (1000, 2000), strict=True):
         assert after["due"] - before["finished"] == timedelta(milliseconds=floor_ms)
     assert "gave_up" not in rows[1]["result"]

@@ -70,7 +70,7 @@ def test_sigkilled_worker_job_runs_again_and_stale_completion_is_rejected(jobs_d
     assert rows[0]["attempt"] == 2 and rows[0]["lost_runs"] == 1 and rows[0]["claims"] == 2
     assert len(sql(jobs_db, "SELECT * FROM test_runs")) == 2
     # the first run's completion, fenced by its claim count, is refused
-    from qdworker.db import statements
+    from qdworker._db import statements
 
     refused = sql(
         jobs_db,
@@ -147,7 +147,9 @@ def test_poll_finds_jobs_when_notify_is_lost(jobs_db: str) -> None:
         [row] = wait_for(jobs_db, "SELECT * FROM worker_jobs WHERE id = %s", all_finished,
                          timeout=10, params=(job["id"],))  # fmt: skip
         assert stop(worker) == 0
-    assert row["started"] - job["created_at"] < timedelta(seconds=1.5)
+    # Found by the 1 s poll; a worker ignoring the setting would wait for the 5 s default poll
+    # or longer. The margin is for a busy machine.
+    assert row["started"] - job["created_at"] < timedelta(seconds=4)
 
 
 def test_job_due_later_starts_on_time(jobs_db: str) -> None:
@@ -163,7 +165,8 @@ def test_job_due_later_starts_on_time(jobs_db: str) -> None:
         )
         assert stop(worker) == 0
     late = rows[0]["started"] - job["due"]
-    assert timedelta(0) <= late < timedelta(seconds=0.5)
+    # Woken at ``due``: without that wake-up it would start at the 30 s poll, ~28 s late.
+    assert timedelta(0) <= late < timedelta(seconds=10)
 
 
 def test_values_postgres_refuses_fail_their_job_and_block_nothing(jobs_db: str) -> None:

@@ -1,0 +1,74 @@
+"""The job row as Python sees it."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+JobStatus = Literal["pending", "running", "succeeded", "failed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One ``worker_jobs`` row: every column as an attribute, ``data`` as a dict.
+
+    ``attempt`` is the 1-based attempt number across the retry chain (a run lost with its
+    worker counts as one). ``claims`` is the fencing token of the current run.
+    """
+
+    id: int
+    tag: str
+    type: str
+    user_id: int
+    data: dict[str, Any]
+    due: datetime
+    started: datetime | None
+    finished: datetime | None
+    remove_at: datetime
+    success: bool | None
+    result: Any
+    cron_schedule: str | None
+    auto_reschedule_on_failure: bool
+    auto_reschedule_on_failure_delay: int
+    remove_delay: int
+    rescheduled_from_job: int | None
+    persistent: bool
+    created_at: datetime
+    updated_at: datetime
+    attempt: int
+    max_attempts: int | None
+    backoff: str
+    timeout_seconds: float | None
+    claims: int
+    lost_runs: int
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    cancel_requested_at: datetime | None
+
+    @property
+    def status(self) -> JobStatus:
+        if self.finished is not None:
+            return "succeeded" if self.success else "failed"
+        return "pending" if self.started is None else "running"
+
+
+COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Job))
+
+#: Columns a user may set when submitting a job (API and SQL).
+USER_FIELDS: tuple[str, ...] = (
+    "tag",
+    "type",
+    "user_id",
+    "data",
+    "due",
+    "cron_schedule",
+    "auto_reschedule_on_failure",
+    "auto_reschedule_on_failure_delay",
+    "remove_delay",
+    "persistent",
+    "max_attempts",
+    "backoff",
+    "timeout_seconds",
+)

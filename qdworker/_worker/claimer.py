@@ -1,0 +1,203 @@
+"""Claim due jobs in batches sized to the worker's room, and sleep until there may be more.
+
+Each claim takes up to :meth:`~.flow.Flow.room` due rows of the job types this worker runs,
+in due order, with ``FOR UPDATE SKIP LOCKED`` (two workers never get the same row), and leases
+them. When it gets fewer than it asked for, the queue is drained for now, and the claimer asks
+when the next pending job is due (or a foreign lease expires); it then sleeps until a NOTIFY,
+that moment, or the poll interval, whichever comes first.
+
+Faults. The claim connection is a :class:`~qdworker._db.connection.Link`: while the database is
+away the claimer waits for it (the outage is logged once), and after every reconnect it asks
+the server when it started serving (:func:`~qdworker._db.store.server_epoch`): for one lease
+after a restart it rescues no expired lease, so the workers that lived through the outage
+renew their runs instead of seeing them run twice; for one lease after a failover it claims
+nothing at all, since the new primary may lack the last claims (asynchronous replication) and
+the workers running those jobs need that long to notice and stop them. A claim cut off by a
+broken connection may have committed: the claimer then gives back every row leased to it that
+it does not hold (``release_orphans``) before claiming again, so those jobs never wait for a
+lease to expire and never count as lost runs. The claim statement itself is never cancelled
+half-way: at shutdown the claimer stops between claims.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Final
+
+import trio
+
+from .._db import store
+from .._db.connect import DbOptions
+from .._db.connection import Connection, Link
+from .._logs import module_logger
+from ..errors import DatabaseError, DatabaseUnavailableError, OutcomeUnknownError
+from .flow import Flow
+from .run import Run
+
+logger = module_logger(__name__)
+
+#: Pause after a claim the database refused for another reason than a lost connection.
+ERROR_PAUSE_SECONDS: Final = 1.0
+#: While a backlog drains, claims start after the last job claimed (``claim_next``); at least
+#: this often, and whenever that finds less than a full batch, a full claim looks again from
+#: the start (jobs released or due earlier) and rescues lost runs.
+FULL_CLAIM_SECONDS: Final = 1.0
+#: A claim or renewal lets the worker act on a job for this part of a lease (measured from
+#: when the statement was sent): the rest is margin for clock rates and delays, so the worker
+#: stops before any other worker may rescue the job.
+VALID_FRACTION: Final = 0.9
+
+
+class Claimer:
+    """Owns the claim connection; feeds :class:`~.flow.Flow`. ``stopping`` ends it between
+    claims; ``flow.wake`` wakes it."""
+
+    def __init__(
+        self,
+        url: str,
+        options: DbOptions,
+        flow: Flow,
+        *,
+        owner: str,
+        types: Sequence[str],
+        lease_seconds: float,
+        poll_seconds: float,
+        stopping: trio.Event,
+    ) -> None:
+        self._flow = flow
+        self._owner = owner
+        self._types = tuple(types)
+        self._lease = lease_seconds
+        self._poll = poll_seconds
+        self._stopping = stopping
+        self._link = Link(url, "claim", options, on_connect=self._connected)
+        self._rescue_after = 0.0  # monotonic time from which expired leases may be rescued
+        self._pause_until = 0.0  # monotonic time from which claiming may resume (failover)
+        self._cursor: tuple[datetime, int] | None = None  # (due, id) of the last job claimed
+        self._next_full_claim = 0.0
+        self._orphans = False  # a claim's outcome is unknown: rows may be leased to us
+        self.clock_offset = 0.0  # database clock - local clock, seconds
+        self.backlog = False  # the last claim got all it asked for: probably more to come
+        self.claimed = 0
+
+    async def _connected(self, conn: Connection) -> None:
+        sent = time.monotonic()
+        serving, failover = await conn.run(store.server_epoch)
+        if serving is None or serving >= self._lease:
+            return
+        grace = self._lease - serving
+        self._rescue_after = sent + grace
+        if failover:
+            self._pause_until = sent + grace
+        logger.info(
+            "the database %s %.1f s ago: %s for %.1f s more (workers that lived through it "
+            "may still renew their runs)",
+            "failed over" if failover else "restarted",
+            serving,
+            "claiming nothing" if failover else "rescuing no expired lease",
+            grace,
+        )
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Claim until ``stopping`` is set (then return between two claims) or cancelled."""
+        task_status.started()
+        async with self._link:
+            while not self._stopping.is_set():
+                paused = self._pause_until - time.monotonic()
+                if paused > 0:
+                    with trio.move_on_after(paused):
+                        await self._stopping.wait()
+                    continue
+                room = self._flow.room()
+                if room <= 0:
+                    # Bounded, so a due job or an expired lease is looked for every poll.
+                    self._flow.want_room = True
+                    await self._flow.wake.wait_until(trio.current_time() + self._poll)
+                    continue
+                wait = await self._round(room)
+                if wait is not None:
+                    await self._flow.wake.wait_until(trio.current_time() + wait)
+
+    async def _round(self, room: int) -> float | None:
+        """One claim (and, when drained, the next wake-up); returns how long to sleep, or
+        None to claim again at once."""
+        conn = await self._link.connection()  # cancellable: no statement is running
+        if time.monotonic() < self._pause_until:  # this connection found a failover
+            return 0.0
+        wait: float | None = None
+        try:
+            with trio.CancelScope(shield=True):  # bounded by the connection's deadline
+                if self._orphans:
+                    await self._release_orphans(conn)
+                claimed = await self._claim(conn, room)
+                for run in claimed:
+                    self._flow.add(run)
+                if not (self.backlog or self._stopping.is_set()):
+                    wait = await self._next_wakeup(conn)
+        except (DatabaseUnavailableError, OutcomeUnknownError) as exc:
+            self._link.discard(conn, exc)
+            self._orphans = self._orphans or isinstance(exc, OutcomeUnknownError)
+            return None
+        except DatabaseError as exc:
+            logger.error("claiming failed: %s", exc)  # noqa: TRY400 (one line, the cause)
+            return ERROR_PAUSE_SECONDS
+        return wait
+
+    async def _release_orphans(self, conn: Connection) -> None:
+        held = list(self._flow.held)
+        released = await conn.run(
+            lambda raw: store.release_orphans(raw, owner=self._owner, held=held)
+        )
+        self._orphans = False
+        if released:
+            logger.info(
+                "gave back %d job(s) claimed by a statement whose answer was lost", released
+            )
+
+    async def _claim(self, conn: Connection, limit: int) -> list[Run]:
+        sent = time.monotonic()
+        self._flow.want_room = False
+        after = self._cursor
+        fast = self.backlog and after is not None and sent < self._next_full_claim
+        if fast and after is not None:
+            claimed = await conn.run(
+                lambda raw: store.claim_next(
+                    raw, limit=limit, owner=self._owner, lease_seconds=self._lease,
+                    types=self._types, after=after,
+                )
+            )  # fmt: skip
+        else:
+            rescue = sent >= self._rescue_after
+            claimed = await conn.run(
+                lambda raw: store.claim(
+                    raw, limit=limit, owner=self._owner, lease_seconds=self._lease,
+                    types=self._types, rescue=rescue,
+                )
+            )  # fmt: skip
+            self._next_full_claim = sent + FULL_CLAIM_SECONDS
+        pending = [(c.job.due, c.job.id) for c in claimed if not c.lost]
+        self._cursor = max(pending) if pending else None
+        # A short fast-path claim does not mean the queue is drained (jobs may wait before
+        # the cursor): look again at once, with a full claim.
+        self.backlog = len(claimed) >= limit or fast
+        if fast and len(claimed) < limit:
+            self._next_full_claim = 0.0
+        self._flow.want_room = self.backlog
+        self.claimed += len(claimed)
+        valid_until = sent + self._lease * VALID_FRACTION
+        return [Run(c.job, c.lost, valid_until) for c in claimed]
+
+    async def _next_wakeup(self, conn: Connection) -> float:
+        """Seconds to sleep: until the next due job or foreign lease expiry (not before
+        rescuing is allowed again), at most the poll interval. Also measures the database
+        clock's offset."""
+        before = time.time()
+        seconds, db_epoch = await conn.run(
+            lambda raw: store.next_wakeup(raw, owner=self._owner, types=self._types)
+        )
+        self.clock_offset = db_epoch - (before + time.time()) / 2
+        wait = self._poll if seconds is None else min(self._poll, max(0.0, seconds))
+        rescue_in = self._rescue_after - time.monotonic()
+        return min(wait, rescue_in) if rescue_in > 0 else wait
