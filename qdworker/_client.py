@@ -33,8 +33,10 @@ from .errors import DatabaseError, InvalidJobError
 
 CancelOutcome = Literal["cancelled", "cancelling", "finished", "not_found"]
 
-#: Longest tag, type and cron schedule (the CHECK constraints agree).
+#: Longest tag, type, queue, concurrency key and cron schedule (the CHECK constraints agree).
 MAX_NAME_CHARS = 255
+#: Largest priority either way (the CHECK constraint agrees); one step is a minute of waiting.
+MAX_PRIORITY = 1_000_000
 #: Largest ``data`` accepted through the API, as JSON.
 MAX_DATA_BYTES = 1024 * 1024
 #: Most jobs in one ``submit_jobs`` call (one statement).
@@ -90,7 +92,7 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _tag(key: str, value: Any) -> dict[str, Any]:
+def _text(key: str, value: Any) -> dict[str, Any]:
     return {key: _name(key, value)}
 
 
@@ -139,6 +141,12 @@ def _backoff(key: str, value: Any) -> dict[str, Any]:
     return {key: value}
 
 
+def _priority(key: str, value: Any) -> dict[str, Any]:
+    if not _is_int(value) or abs(value) > MAX_PRIORITY:
+        raise InvalidJobError(f"priority must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}")
+    return {key: value}
+
+
 def _timeout(key: str, value: Any) -> dict[str, Any]:
     if not (_is_int(value) or isinstance(value, float)) or not value > 0:
         raise InvalidJobError("timeout_seconds must be a number > 0")
@@ -147,7 +155,7 @@ def _timeout(key: str, value: Any) -> dict[str, Any]:
 
 #: How each optional field is checked (``None`` means "not given"), in the order reported.
 _OPTIONAL_FIELDS: dict[str, Callable[[str, Any], dict[str, Any]]] = {
-    "tag": _tag,
+    "tag": _text,
     "user_id": _count,
     "auto_reschedule_on_failure_delay": _count,
     "remove_delay": _count,
@@ -158,6 +166,9 @@ _OPTIONAL_FIELDS: dict[str, Callable[[str, Any], dict[str, Any]]] = {
     "max_attempts": _max_attempts,
     "backoff": _backoff,
     "timeout_seconds": _timeout,
+    "queue": _text,
+    "priority": _priority,
+    "concurrency_key": _text,
 }
 
 

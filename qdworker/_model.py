@@ -46,6 +46,9 @@ class Job:
     lease_owner: str | None
     lease_expires_at: datetime | None
     cancel_requested_at: datetime | None
+    queue: str
+    priority: int
+    concurrency_key: str | None
 
     @property
     def status(self) -> JobStatus:
@@ -71,4 +74,7 @@ USER_FIELDS: tuple[str, ...] = (
     "max_attempts",
     "backoff",
     "timeout_seconds",
+    "queue",
+    "priority",
+    "concurrency_key",
 )

@@ -7,18 +7,20 @@
 INSERT INTO worker_jobs (
     tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
     auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-    timeout_seconds)
+    timeout_seconds, queue, priority, concurrency_key)
 SELECT j.tag, j.type, coalesce(j.user_id, 0), coalesce(j.data, '{}'::jsonb),
        coalesce(j.due, now() + coalesce(j.delay_ms, 0) * interval '1 millisecond'),
        j.cron_schedule, coalesce(j.auto_reschedule_on_failure, false),
        coalesce(j.auto_reschedule_on_failure_delay, 0), coalesce(j.remove_delay, 0),
        coalesce(j.persistent, false), j.max_attempts, coalesce(j.backoff, 'fixed'),
-       j.timeout_seconds
+       j.timeout_seconds, coalesce(j.queue, 'default'), coalesce(j.priority, 0),
+       j.concurrency_key
   FROM jsonb_to_recordset(%(jobs)s::jsonb) AS j(
        tag text, type text, user_id bigint, data jsonb, due timestamptz, delay_ms double precision,
        cron_schedule text, auto_reschedule_on_failure boolean,
        auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
-       max_attempts integer, backoff text, timeout_seconds double precision)
+       max_attempts integer, backoff text, timeout_seconds double precision, queue text,
+       priority integer, concurrency_key text)
 RETURNING *
 
 -- name: insert_job
@@ -26,7 +28,7 @@ RETURNING *
 INSERT INTO worker_jobs (
     tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
     auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-    timeout_seconds)
+    timeout_seconds, queue, priority, concurrency_key)
 VALUES (%(tag)s::text, %(type)s::text, coalesce(%(user_id)s::bigint, 0),
         coalesce(%(data)s::jsonb, '{}'::jsonb),
         coalesce(%(due)s::timestamptz,
@@ -35,7 +37,8 @@ VALUES (%(tag)s::text, %(type)s::text, coalesce(%(user_id)s::bigint, 0),
         coalesce(%(auto_reschedule_on_failure_delay)s::bigint, 0),
         coalesce(%(remove_delay)s::bigint, 0), coalesce(%(persistent)s::boolean, false),
         %(max_attempts)s::integer, coalesce(%(backoff)s::text, 'fixed'),
-        %(timeout_seconds)s::float8)
+        %(timeout_seconds)s::float8, coalesce(%(queue)s::text, 'default'),
+        coalesce(%(priority)s::integer, 0), %(concurrency_key)s::text)
 RETURNING *
 
 -- name: get_job

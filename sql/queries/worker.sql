@@ -141,12 +141,12 @@ WITH outcome AS (
     INSERT INTO worker_jobs (
         tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
         auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-        timeout_seconds, rescheduled_from_job, attempt)
+        timeout_seconds, queue, priority, concurrency_key, rescheduled_from_job, attempt)
     SELECT d.tag, d.type, d.user_id, d.data,
            coalesce(s.due, now() + s.delay_ms * interval '1 millisecond'),
            d.cron_schedule, d.auto_reschedule_on_failure, d.auto_reschedule_on_failure_delay,
-           d.remove_delay, d.persistent, d.max_attempts, d.backoff, d.timeout_seconds, d.id,
-           s.attempt
+           d.remove_delay, d.persistent, d.max_attempts, d.backoff, d.timeout_seconds, d.queue,
+           d.priority, d.concurrency_key, d.id, s.attempt
       FROM jsonb_to_recordset(%(successors)s::jsonb)
            AS s(from_id bigint, due timestamptz, delay_ms double precision, attempt integer)
       JOIN done AS d ON d.id = s.from_id
