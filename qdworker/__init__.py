@@ -12,6 +12,7 @@ from ._client import CancelOutcome, Queue
 from ._config import Config
 from ._events.tokens import ws_token
 from ._model import Job, JobStatus
+from ._queues import QueueInfo
 from ._registry import Context, CronJob, cron, job, on_startup
 from ._supervisor.main import Manager, serve
 from ._worker.context import JobContext
@@ -22,6 +23,7 @@ from .errors import (
     DatabaseUnavailableError,
     EmbeddedDatabaseError,
     InvalidJobError,
+    InvalidQueueError,
     JobTypeError,
     MigrationError,
     OutcomeUnknownError,
@@ -42,6 +44,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "EmbeddedDatabaseError",
     "InvalidJobError",
+    "InvalidQueueError",
     "Job",
     "JobContext",
     "JobStatus",
@@ -51,6 +54,7 @@ __all__ = [
     "OutcomeUnknownError",
     "QdworkerError",
     "Queue",
+    "QueueInfo",
     "TokenError",
     "__version__",
     "cron",

@@ -23,10 +23,12 @@ from typing import Any, Literal, TypeVar, cast
 
 import psycopg
 
+from . import _queues as queues
 from ._db import statements, store
 from ._db.connect import DEFAULT_TIMEOUT_SECONDS, DbOptions, translate
 from ._db.connection import Connection, Link
 from ._model import USER_FIELDS, Job
+from ._queues import QueueInfo
 from ._schedule import backoff as backoff_rules
 from ._schedule import cron
 from .errors import DatabaseError, InvalidJobError
@@ -250,6 +252,32 @@ class Queue:
             lambda raw: store.cancel_job(raw, job_id, reason), idempotent=True
         )
         return cast(CancelOutcome, outcome)
+
+    async def set_queue(self, name: str, **settings: Any) -> None:
+        """Change the settings of queue ``name`` (see ``worker_queues``): ``paused``,
+        ``concurrency``, ``key_concurrency``, ``rate_limit``, ``rate_period_ms``, ``fair``,
+        ``key_weights``. Only those given change; ``None`` clears a limit. Every worker
+        applies them to its next claim (within a second). Raises
+        :class:`~qdworker.errors.InvalidQueueError` before writing anything."""
+        changes = queues.settings_changes(settings)
+        queues.check_name(name)
+        await self._run(lambda raw: queues.set_queue(raw, name, changes), idempotent=True)
+
+    async def pause_queue(self, name: str) -> None:
+        """Start no new job of queue ``name`` anywhere (running ones finish)."""
+        await self.set_queue(name, paused=True)
+
+    async def resume_queue(self, name: str) -> None:
+        await self.set_queue(name, paused=False)
+
+    async def reset_queue(self, name: str) -> bool:
+        """Forget the settings of queue ``name`` (no limits, not paused); whether it had any."""
+        queues.check_name(name)
+        return await self._run(lambda raw: queues.reset_queue(raw, name), idempotent=True)
+
+    async def list_queues(self) -> list[QueueInfo]:
+        """Every queue with settings or unfinished jobs: settings, depth, running jobs."""
+        return await self._run(queues.list_queues, idempotent=True)
 
     async def _run(self, fn: Callable[[Raw], T], *, idempotent: bool = False) -> T:
         if self._link is None:

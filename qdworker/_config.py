@@ -196,6 +196,10 @@ class Config:
         "QDWORKER_JOBS", _list, (),
         "modules to import in every worker (their @job types are registered)",
     )
+    queues: tuple[str, ...] = setting(
+        "QDWORKER_QUEUES", _list, (),
+        "queues the workers serve, e.g. 'default,emails' (empty = every queue)",
+    )
     data_dir: Path = setting(
         "QDWORKER_DATA_DIR", _path, Path(".qdworker"), "data folder of the embedded Postgres",
     )

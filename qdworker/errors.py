@@ -12,6 +12,7 @@
     ├── ClaimLostError                 a job's run no longer holds its claim (fencing)
     ├── EmbeddedDatabaseError          the embedded Postgres could not start or be reached
     ├── InvalidJobError (ValueError)   submit_job() input rejected before anything is written
+    ├── InvalidQueueError (ValueError) queue settings rejected before anything is written
     ├── JobTypeError                   two handlers for one job type, or a bad @job() use
     └── TokenError                     a websocket token is expired, forged or malformed (.code)
 
@@ -31,6 +32,7 @@ __all__ = [
     "DatabaseUnavailableError",
     "EmbeddedDatabaseError",
     "InvalidJobError",
+    "InvalidQueueError",
     "JobTypeError",
     "MigrationError",
     "OutcomeUnknownError",
@@ -80,6 +82,10 @@ class EmbeddedDatabaseError(QdworkerError):
 
 class InvalidJobError(QdworkerError, ValueError):
     """A job submitted through the API is invalid; nothing was written."""
+
+
+class InvalidQueueError(QdworkerError, ValueError):
+    """Queue settings given through the API are invalid; nothing was written."""
 
 
 class JobTypeError(QdworkerError):

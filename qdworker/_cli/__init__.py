@@ -8,6 +8,8 @@ Subcommands (``run`` when none is given)::
     db psql [ARGS...]      psql on the database (starts the embedded Postgres if needed)
     cancel ID [--reason R] cancel a job; prints cancelled / cancelling / finished / not_found
     status                 jobs by status
+    queue ACTION           queues: list; pause / resume / reset NAME; set NAME --concurrency N
+                           --key-concurrency N --rate N/PERIOD --fair --weight KEY=W
     token --user N         mint a websocket token
     bench                  qdworker's own benchmark
 
@@ -35,7 +37,7 @@ from .. import _logs as logs
 from .._benchmark.cli import COMMAND as BENCH
 from .._logs import module_logger
 from ..errors import ConfigError, QdworkerError
-from . import _db, _jobs, _run, _token
+from . import _db, _jobs, _queue, _run, _token
 from ._command import PROG, ArgumentParser, Command, fail, load_config, settings_parser
 
 logger = module_logger(__name__)
@@ -43,7 +45,16 @@ logger = module_logger(__name__)
 #: The subcommands, in ``--help`` order; the first is the default.
 COMMANDS: Final[dict[str, Command]] = {
     c.name: c
-    for c in (_run.COMMAND, _db.MIGRATE, _db.DB, _jobs.CANCEL, _jobs.STATUS, _token.COMMAND, BENCH)
+    for c in (
+        _run.COMMAND,
+        _db.MIGRATE,
+        _db.DB,
+        _jobs.CANCEL,
+        _jobs.STATUS,
+        _queue.COMMAND,
+        _token.COMMAND,
+        BENCH,
+    )
 }
 
 

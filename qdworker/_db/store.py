@@ -30,6 +30,7 @@ Raw = psycopg.Connection[Any]
 class Claimed:
     job: Job
     lost: bool  # the previous run of this row was lost with its worker
+    run_order: datetime | None = None  # its place in its queue (None: a lost run, or limited)
 
 
 def int_array(values: Iterable[int]) -> str:
@@ -60,9 +61,11 @@ def job_row(cursor: Any) -> RowMaker[Job]:
 def _claimed_row(cursor: Any) -> RowMaker[Claimed]:
     job, extra = _positions(cursor)
     lost = extra["lost"]
+    order = extra.get("run_order")
 
     def make(values: Sequence[Any]) -> Claimed:
-        return Claimed(Job(*[values[i] for i in job]), bool(values[lost]))
+        run_order = None if order is None else values[order]
+        return Claimed(Job(*[values[i] for i in job]), bool(values[lost]), run_order)
 
     return make
 
@@ -90,11 +93,9 @@ def server_epoch(raw: Raw) -> tuple[float | None, bool]:
     return (None if seconds is None else float(seconds)), bool(row["failover"])
 
 
-def _claim_params(
-    limit: int, owner: str, lease_seconds: float, types: Sequence[str], **more: Any
-) -> dict[str, Any]:
-    return {"limit": limit, "owner": owner, "lease_seconds": lease_seconds,
-            "types": list(types), **more}  # fmt: skip
+#: Where a worker's scan of each queue starts: queue -> (run order, id) of the last job it
+#: claimed from it (the claim's fast path while a backlog drains).
+Cursors = Mapping[str, tuple[datetime, int]]
 
 
 def claim(
@@ -104,31 +105,55 @@ def claim(
     owner: str,
     lease_seconds: float,
     types: Sequence[str],
+    queues: Sequence[str] | None,
     rescue: bool,
+    cursors: Cursors | None = None,
 ) -> list[Claimed]:
-    params = _claim_params(limit, owner, lease_seconds, types, rescue=rescue)
+    """Claim from the unlimited queues ``queues`` serves (None: all); see ``claim`` in
+    sql/queries/worker.sql. With ``cursors`` each queue's scan starts after its cursor."""
+    after = cursors or {}
+    params = {
+        "limit": limit, "owner": owner, "lease_seconds": lease_seconds, "types": list(types),
+        "queues": None if queues is None else list(queues), "rescue": rescue,
+        "cursor_queues": list(after), "cursor_orders": [c[0] for c in after.values()],
+        "cursor_ids": [c[1] for c in after.values()],
+    }  # fmt: skip
     return cast(list[Claimed], _rows(raw, "claim", params, _claimed_row))
 
 
-def claim_next(
+def claim_limited(
     raw: Raw,
     *,
     limit: int,
     owner: str,
     lease_seconds: float,
     types: Sequence[str],
-    after: tuple[datetime, int],
+    queues: Sequence[str] | None,
+    rescue: bool,
 ) -> list[Claimed]:
-    """The claim's fast path: due pending jobs after ``after`` (due, id) only."""
-    params = _claim_params(limit, owner, lease_seconds, types, after_due=after[0],
-                           after_id=after[1])  # fmt: skip
-    return cast(list[Claimed], _rows(raw, "claim_next", params, _claimed_row))
+    """Claim from the limited queues ``queues`` serves (see ``qdworker_claim_limited``)."""
+    params = {
+        "limit": limit, "owner": owner, "lease_seconds": lease_seconds, "types": list(types),
+        "queues": None if queues is None else list(queues), "rescue": rescue,
+    }  # fmt: skip
+    return cast(list[Claimed], _rows(raw, "claim_limited", params, _claimed_row))
 
 
-def next_wakeup(raw: Raw, *, owner: str, types: Sequence[str]) -> tuple[float | None, float]:
-    """(seconds until the next pending job of ``types`` is due or a foreign lease expires, or
-    None; the database clock as epoch seconds)."""
-    row = _one(raw, "next_wakeup", {"owner": owner, "types": list(types)})
+def limited_queues(raw: Raw, *, queues: Sequence[str] | None) -> bool:
+    """Whether ``queues`` (None: all) include a limited, unpaused queue."""
+    row = _one(raw, "limited_queues", {"queues": None if queues is None else list(queues)})
+    return bool(row["limited"])
+
+
+def next_wakeup(
+    raw: Raw, *, owner: str, types: Sequence[str], queues: Sequence[str] | None
+) -> tuple[float | None, float]:
+    """(seconds until the next pending job of ``types`` in ``queues`` is due, a foreign lease
+    expires or a rate-limited queue may start a job again, or None; the database clock as
+    epoch seconds)."""
+    params = {"owner": owner, "types": list(types),
+              "queues": None if queues is None else list(queues)}  # fmt: skip
+    row = _one(raw, "next_wakeup", params)
     seconds = row["seconds"]
     return (None if seconds is None else float(seconds)), float(row["db_epoch"])
 

@@ -1,10 +1,17 @@
 """Claim due jobs in batches sized to the worker's room, and sleep until there may be more.
 
-Each claim takes up to :meth:`~.flow.Flow.room` due rows of the job types this worker runs,
-in due order, with ``FOR UPDATE SKIP LOCKED`` (two workers never get the same row), and leases
-them. When it gets fewer than it asked for, the queue is drained for now, and the claimer asks
-when the next pending job is due (or a foreign lease expires); it then sleeps until a NOTIFY,
-that moment, or the poll interval, whichever comes first.
+Each round first claims from the limited queues the worker serves (cluster-wide concurrency,
+per-key concurrency, rate limits, fair share: ``claim_limited``, up to the worker's free
+slots, never into its ready queue, since a claimed job holds a slot of the queue), when there
+are any, then up to :meth:`~.flow.Flow.room` due rows of the job types this worker runs from
+the other queues it serves, in run order (priority, aged by waiting), with ``FOR UPDATE SKIP
+LOCKED`` (two workers never get the same row), and leases them. Whether limited queues exist
+is read again when ``qdworker_queues`` is notified (a settings change), after a reconnect
+and every poll interval. When a round gets fewer jobs than it asked for, the queues are
+drained for now, and the claimer asks when the next pending job is due (or a foreign lease
+expires, or a rate limit lets a job start); it then sleeps until a NOTIFY (a job inserted,
+released, or finished in a limited queue), that moment, or the poll interval, whichever comes
+first.
 
 Faults. The claim connection is a :class:`~qdworker._db.connection.Link`: while the database is
 away the claimer waits for it (the outage is logged once), and after every reconnect it asks
@@ -40,9 +47,10 @@ logger = module_logger(__name__)
 
 #: Pause after a claim the database refused for another reason than a lost connection.
 ERROR_PAUSE_SECONDS: Final = 1.0
-#: While a backlog drains, claims start after the last job claimed (``claim_next``); at least
-#: this often, and whenever that finds less than a full batch, a full claim looks again from
-#: the start (jobs released or due earlier) and rescues lost runs.
+#: While a backlog drains, each queue's claims start after the last job claimed from it (the
+#: cursors of ``claim``); at least this often, and whenever that finds less than a full batch,
+#: a full claim looks again from the start (jobs released or due earlier, or of a higher
+#: priority) and rescues lost runs.
 FULL_CLAIM_SECONDS: Final = 1.0
 #: A claim or renewal lets the worker act on a job for this part of a lease (measured from
 #: when the statement was sent): the rest is margin for clock rates and delays, so the worker
@@ -62,6 +70,7 @@ class Claimer:
         *,
         owner: str,
         types: Sequence[str],
+        queues: Sequence[str] | None,
         lease_seconds: float,
         poll_seconds: float,
         stopping: trio.Event,
@@ -69,20 +78,28 @@ class Claimer:
         self._flow = flow
         self._owner = owner
         self._types = tuple(types)
+        self._queues = None if queues is None else tuple(queues)
         self._lease = lease_seconds
         self._poll = poll_seconds
         self._stopping = stopping
         self._link = Link(url, "claim", options, on_connect=self._connected)
         self._rescue_after = 0.0  # monotonic time from which expired leases may be rescued
         self._pause_until = 0.0  # monotonic time from which claiming may resume (failover)
-        self._cursor: tuple[datetime, int] | None = None  # (due, id) of the last job claimed
+        self._cursors: dict[str, tuple[datetime, int]] = {}  # see store.Cursors
         self._next_full_claim = 0.0
+        self._limited: bool | None = None  # serves a limited queue? (None: ask the database)
+        self._limited_until = 0.0  # monotonic time to ask again
         self._orphans = False  # a claim's outcome is unknown: rows may be leased to us
         self.clock_offset = 0.0  # database clock - local clock, seconds
         self.backlog = False  # the last claim got all it asked for: probably more to come
         self.claimed = 0
 
+    def queues_changed(self) -> None:
+        """Queue settings changed (or may have): read them again before the next claim."""
+        self._limited = None
+
     async def _connected(self, conn: Connection) -> None:
+        self._limited = None
         sent = time.monotonic()
         serving, failover = await conn.run(store.server_epoch)
         if serving is None or serving >= self._lease:
@@ -156,38 +173,65 @@ class Claimer:
                 "gave back %d job(s) claimed by a statement whose answer was lost", released
             )
 
-    async def _claim(self, conn: Connection, limit: int) -> list[Run]:
+    async def _claim(self, conn: Connection, room: int) -> list[Run]:
         sent = time.monotonic()
         self._flow.want_room = False
-        after = self._cursor
-        fast = self.backlog and after is not None and sent < self._next_full_claim
-        if fast and after is not None:
-            claimed = await conn.run(
-                lambda raw: store.claim_next(
-                    raw, limit=limit, owner=self._owner, lease_seconds=self._lease,
-                    types=self._types, after=after,
-                )
-            )  # fmt: skip
+        rescue = sent >= self._rescue_after
+        claimed: list[store.Claimed] = []
+        limited_full = False
+        if await self._serves_limited(conn, sent):
+            free = self._flow.free_slots()
+            if free > 0:
+                claimed = await conn.run(
+                    lambda raw: store.claim_limited(
+                        raw, limit=free, owner=self._owner, lease_seconds=self._lease,
+                        types=self._types, queues=self._queues, rescue=rescue,
+                    )
+                )  # fmt: skip
+                limited_full = len(claimed) >= free
+                room -= len(claimed)
+        if room > 0:
+            claimed += await self._claim_unlimited(conn, room, sent, rescue)
         else:
-            rescue = sent >= self._rescue_after
-            claimed = await conn.run(
-                lambda raw: store.claim(
-                    raw, limit=limit, owner=self._owner, lease_seconds=self._lease,
-                    types=self._types, rescue=rescue,
-                )
-            )  # fmt: skip
-            self._next_full_claim = sent + FULL_CLAIM_SECONDS
-        pending = [(c.job.due, c.job.id) for c in claimed if not c.lost]
-        self._cursor = max(pending) if pending else None
-        # A short fast-path claim does not mean the queue is drained (jobs may wait before
-        # the cursor): look again at once, with a full claim.
-        self.backlog = len(claimed) >= limit or fast
-        if fast and len(claimed) < limit:
-            self._next_full_claim = 0.0
-        self._flow.want_room = self.backlog
+            self.backlog = True
+        self._flow.want_room = self.backlog or limited_full
         self.claimed += len(claimed)
         valid_until = sent + self._lease * VALID_FRACTION
         return [Run(c.job, c.lost, valid_until) for c in claimed]
+
+    async def _serves_limited(self, conn: Connection, now: float) -> bool:
+        if self._limited is None or now >= self._limited_until:
+            self._limited = await conn.run(
+                lambda raw: store.limited_queues(raw, queues=self._queues)
+            )
+            self._limited_until = now + self._poll
+        return self._limited
+
+    async def _claim_unlimited(
+        self, conn: Connection, limit: int, sent: float, rescue: bool
+    ) -> list[store.Claimed]:
+        fast = self.backlog and bool(self._cursors) and sent < self._next_full_claim
+        cursors = self._cursors if fast else None
+        claimed = await conn.run(
+            lambda raw: store.claim(
+                raw, limit=limit, owner=self._owner, lease_seconds=self._lease,
+                types=self._types, queues=self._queues, rescue=rescue and not fast,
+                cursors=cursors,
+            )
+        )  # fmt: skip
+        if not fast:
+            self._next_full_claim = sent + FULL_CLAIM_SECONDS
+        self._cursors = {}
+        for c in claimed:
+            if c.run_order is not None:
+                place = (c.run_order, c.job.id)
+                self._cursors[c.job.queue] = max(self._cursors.get(c.job.queue, place), place)
+        # A short fast-path claim does not mean the queues are drained (jobs may wait before
+        # a cursor): look again at once, with a full claim.
+        self.backlog = len(claimed) >= limit or fast
+        if fast and len(claimed) < limit:
+            self._next_full_claim = 0.0
+        return claimed
 
     async def _next_wakeup(self, conn: Connection) -> float:
         """Seconds to sleep: until the next due job or foreign lease expiry (not before
@@ -195,7 +239,9 @@ class Claimer:
         clock's offset."""
         before = time.time()
         seconds, db_epoch = await conn.run(
-            lambda raw: store.next_wakeup(raw, owner=self._owner, types=self._types)
+            lambda raw: store.next_wakeup(
+                raw, owner=self._owner, types=self._types, queues=self._queues
+            )
         )
         self.clock_offset = db_epoch - (before + time.time()) / 2
         wait = self._poll if seconds is None else min(self._poll, max(0.0, seconds))

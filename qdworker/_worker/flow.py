@@ -71,6 +71,13 @@ class Flow:
             return 0  # enough ready: wait to claim a worthwhile batch
         return max(0, room)
 
+    def free_slots(self) -> int:
+        """Slots no running or ready job has taken: how many jobs of limited queues to claim
+        (a claimed job holds a slot of its queue, so it must start at once)."""
+        if self.unwritten >= MAX_UNWRITTEN:
+            return 0
+        return max(0, self.concurrency - self.running - len(self.ready))
+
     def add(self, run: Run) -> None:
         self.held[run.job.id] = run
         self.ready.append(run)

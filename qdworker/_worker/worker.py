@@ -48,6 +48,7 @@ logger = module_logger(__name__)
 
 JOBS_CHANNEL: Final = "qdworker_jobs"
 CANCEL_CHANNEL: Final = "qdworker_cancel"
+QUEUES_CHANNEL: Final = "qdworker_queues"
 HEARTBEAT_SECONDS: Final = 1.0
 #: Seconds a released run may take to unwind after cancellation (e.g. an abandoned thread).
 RELEASE_GRACE_SECONDS: Final = 1.0
@@ -87,6 +88,7 @@ class Worker:
             self.flow,
             owner=worker_id,
             types=self.types,
+            queues=cfg.queues or None,
             lease_seconds=cfg.lease_seconds,
             poll_seconds=cfg.poll_interval,
             stopping=self.stopping,
@@ -100,7 +102,7 @@ class Worker:
             clock_offset=lambda: self.claimer.clock_offset,
         )
         self.runner = Runner(self.flow, outbox, self._context, max_lost_runs=cfg.max_lost_runs)
-        self.listener = Listener(url, (JOBS_CHANNEL, CANCEL_CHANNEL), self.options)
+        self.listener = Listener(url, (JOBS_CHANNEL, CANCEL_CHANNEL, QUEUES_CHANNEL), self.options)
 
     def _context(self, run: Run) -> JobContext:
         return JobContext(
@@ -145,7 +147,10 @@ class Worker:
             if isinstance(item, Listening):
                 if item.reconnected:
                     logger.debug("LISTEN is back: claiming what arrived meanwhile")
+                self.claimer.queues_changed()
                 self.flow.wake.set()
+            elif item.channel == QUEUES_CHANNEL:
+                self.claimer.queues_changed()
             elif item.channel == CANCEL_CHANNEL:
                 self._cancel_notification(item.payload)
             else:

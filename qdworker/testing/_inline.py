@@ -105,9 +105,15 @@ class InlineWorker:
         """Claim the due jobs (at most ``limit``), run them one by one, write their
         outcomes; return them in claim order (due order)."""
         claimed = await self._link.run(
-            lambda raw: store.claim(
+            lambda raw: store.claim_limited(
                 raw, limit=limit, owner=self._owner, lease_seconds=self._lease,
-                types=self._types, rescue=True,
+                types=self._types, queues=None, rescue=True,
+            )
+        )  # fmt: skip
+        claimed += await self._link.run(
+            lambda raw: store.claim(
+                raw, limit=limit - len(claimed), owner=self._owner, lease_seconds=self._lease,
+                types=self._types, queues=None, rescue=True,
             )
         )  # fmt: skip
         runs: list[InlineRun] = []

@@ -7,29 +7,67 @@
 SELECT serving_seconds, failover FROM qdworker_server_epoch()
 
 -- name: claim
--- Up to %(limit)s jobs of the worker's %(types)s: first runs lost with their worker (started,
--- lease expired: that run counts as an attempt; only when %(rescue)s, see server_epoch), then
--- due pending jobs in due order; rows other workers hold are skipped. Each claimed row gets
--- this worker's lease and claims + 1 (its fencing token). Returns every column, then ``lost``.
-WITH lost AS (
-    SELECT id, true AS lost
-      FROM worker_jobs
+-- Up to %(limit)s jobs of the worker's %(types)s from the queues it serves (%(queues)s; NULL:
+-- all) that have no limits and are not paused (worker_queues; the limited ones are claimed by
+-- qdworker_claim_limited): first runs lost with their worker (started, lease expired: that
+-- run counts as an attempt; only when %(rescue)s, see server_epoch), then due pending jobs in
+-- run order (qdworker_run_order: priority, aged by waiting), over all queues; rows other
+-- workers hold are skipped. While a backlog drains, each queue's scan starts after the last
+-- job this worker claimed from it (%(cursor_queues)s, %(cursor_orders)s, %(cursor_ids)s, empty
+-- for a full claim): that keeps each claim from stepping over the index entries of every job
+-- claimed before, which vacuum cannot remove while a long transaction pins the xmin horizon.
+-- The queues with pending jobs are found by a loose index scan (one probe per queue). Each
+-- claimed row gets this worker's lease and claims + 1 (its fencing token). Returns every
+-- column, then ``lost`` and ``run_order``.
+WITH RECURSIVE queues(name) AS (
+    (SELECT queue FROM worker_jobs
+      WHERE started IS NULL AND finished IS NULL
+      ORDER BY queue LIMIT 1)
+    UNION ALL
+    SELECT (SELECT j.queue FROM worker_jobs AS j
+             WHERE j.started IS NULL AND j.finished IS NULL AND j.queue > q.name
+             ORDER BY j.queue LIMIT 1)
+      FROM queues AS q
+     WHERE q.name IS NOT NULL
+), open AS (
+    SELECT q.name, coalesce(c.after_order, '-infinity') AS after_order,
+           coalesce(c.after_id, 0) AS after_id
+      FROM queues AS q
+      LEFT JOIN unnest(%(cursor_queues)s::text[], %(cursor_orders)s::timestamp[],
+                       %(cursor_ids)s::bigint[]) AS c(queue, after_order, after_id)
+             ON c.queue = q.name
+     WHERE q.name IS NOT NULL
+       AND (%(queues)s::text[] IS NULL OR q.name = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM worker_queues AS w
+                        WHERE w.name = q.name AND (w.paused OR qdworker_queue_is_limited(w)))
+), lost AS (
+    SELECT j.id, true AS lost, NULL::timestamp AS run_order
+      FROM worker_jobs AS j
      WHERE %(rescue)s
-       AND started IS NOT NULL AND finished IS NULL
-       AND (lease_expires_at IS NULL OR lease_expires_at < now())
-       AND lease_owner IS DISTINCT FROM %(owner)s  -- never our own run (renewal lagged)
-       AND type = ANY(%(types)s::text[])
-     ORDER BY lease_expires_at NULLS FIRST
+       AND j.started IS NOT NULL AND j.finished IS NULL
+       AND (j.lease_expires_at IS NULL OR j.lease_expires_at < now())
+       AND j.lease_owner IS DISTINCT FROM %(owner)s  -- never our own run (renewal lagged)
+       AND j.type = ANY(%(types)s::text[])
+       AND (%(queues)s::text[] IS NULL OR j.queue = ANY(%(queues)s::text[]))
+       AND NOT EXISTS (SELECT 1 FROM worker_queues AS w
+                        WHERE w.name = j.queue AND (w.paused OR qdworker_queue_is_limited(w)))
+     ORDER BY j.lease_expires_at NULLS FIRST
      LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
+       FOR UPDATE OF j SKIP LOCKED
 ), pending AS (
-    SELECT id, false AS lost
-      FROM worker_jobs
-     WHERE started IS NULL AND finished IS NULL AND due <= now()
-       AND type = ANY(%(types)s::text[])
-     ORDER BY due, id
+    SELECT p.id, false AS lost, p.run_order
+      FROM open AS o
+     CROSS JOIN LATERAL (
+        SELECT j.id, qdworker_run_order(j.due, j.priority) AS run_order
+          FROM worker_jobs AS j
+         WHERE j.queue = o.name AND j.started IS NULL AND j.finished IS NULL
+           AND (qdworker_run_order(j.due, j.priority), j.id) > (o.after_order, o.after_id)
+           AND j.due <= now() AND j.type = ANY(%(types)s::text[])
+         ORDER BY qdworker_run_order(j.due, j.priority), j.id
+         LIMIT %(limit)s
+           FOR UPDATE SKIP LOCKED) AS p
+     ORDER BY p.run_order, p.id
      LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
 ), picked AS (
     SELECT * FROM lost
     UNION ALL
@@ -46,44 +84,43 @@ UPDATE worker_jobs AS j
        updated_at = now()
   FROM picked
  WHERE j.id = picked.id
-RETURNING j.*, picked.lost
+RETURNING j.*, picked.lost, picked.run_order
 
--- name: claim_next
--- The claim's fast path while a backlog drains: up to %(limit)s due pending jobs after the
--- last one this worker claimed (%(after_due)s, %(after_id)s) in due order, no rescue. Starting
--- after it keeps each claim from stepping over the index entries of every job claimed before,
--- which vacuum cannot remove while a long transaction pins the xmin horizon. The claimer falls
--- back to ``claim`` when this finds less than a full batch, and at least once a second.
-WITH picked AS (
-    SELECT id
-      FROM worker_jobs
-     WHERE started IS NULL AND finished IS NULL AND due <= now()
-       AND (due, id) > (%(after_due)s::timestamptz, %(after_id)s::bigint)
-       AND type = ANY(%(types)s::text[])
-     ORDER BY due, id
-     LIMIT %(limit)s
-       FOR UPDATE SKIP LOCKED
-)
-UPDATE worker_jobs AS j
-   SET started = now(),
-       claims = j.claims + 1,
-       lease_owner = %(owner)s,
-       lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
-       updated_at = now()
-  FROM picked
- WHERE j.id = picked.id
-RETURNING j.*, false AS lost
+-- name: claim_limited
+-- The claim of the limited queues (concurrency, per-key concurrency, rate, fair share) this
+-- worker serves, up to %(limit)s jobs: see qdworker_claim_limited in
+-- sql/migrations/0005_queues.sql. Returns every column, then ``lost``.
+SELECT (c.job).*, c.lost
+  FROM qdworker_claim_limited(%(owner)s, %(types)s::text[], %(queues)s::text[], %(limit)s,
+                              %(lease_seconds)s, %(rescue)s) AS c
+
+-- name: limited_queues
+-- Does this worker serve a limited, unpaused queue (so that its claims call claim_limited)?
+SELECT EXISTS (SELECT 1 FROM worker_queues AS w
+                WHERE qdworker_queue_is_limited(w) AND NOT w.paused
+                  AND (%(queues)s::text[] IS NULL OR w.name = ANY(%(queues)s::text[])))
+       AS limited
 
 -- name: next_wakeup
--- Seconds until the earliest pending job of %(types)s is due or another worker's lease on one
--- expires (NULL: none), and the database clock (for cron arithmetic).
+-- Seconds until the earliest pending job of %(types)s in the queues served is due, another
+-- worker's lease on one expires, or a rate-limited queue with due work may start a job again
+-- (NULL: none), and the database clock (for cron arithmetic).
 SELECT extract(epoch FROM least(
-           (SELECT min(due) FROM worker_jobs
-             WHERE started IS NULL AND finished IS NULL AND due > now()
-               AND type = ANY(%(types)s::text[])),
+           (SELECT min(due) FROM worker_jobs  -- due > created_at: worker_jobs_scheduled_idx
+             WHERE started IS NULL AND finished IS NULL AND due > created_at AND due > now()
+               AND type = ANY(%(types)s::text[])
+               AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))),
            (SELECT min(lease_expires_at) FROM worker_jobs
              WHERE started IS NOT NULL AND finished IS NULL AND lease_expires_at > now()
-               AND lease_owner <> %(owner)s AND type = ANY(%(types)s::text[]))
+               AND lease_owner <> %(owner)s AND type = ANY(%(types)s::text[])),
+           (SELECT min(s.starts[cardinality(s.starts) - w.rate_limit + 1]
+                       + w.rate_period_ms * interval '1 millisecond')
+              FROM worker_queues AS w JOIN qdworker_queue_state AS s ON s.queue = w.name
+             WHERE w.rate_limit IS NOT NULL AND NOT w.paused
+               AND cardinality(s.starts) >= w.rate_limit
+               AND s.starts[cardinality(s.starts) - w.rate_limit + 1]
+                   + w.rate_period_ms * interval '1 millisecond' > now()
+               AND (%(queues)s::text[] IS NULL OR w.name = ANY(%(queues)s::text[])))
        ) - now())::float8 AS seconds,
        extract(epoch FROM now())::float8 AS db_epoch
 
@@ -110,7 +147,8 @@ SELECT count(*) AS n,
 -- finished (%(committed)s), give back released runs (pending again at once) and wake the
 -- other workers if any were released. Rows this run finished already count as done: those a
 -- handler's transaction finished, and, when %(again)s (the batch is written again because the
--- answer to the first attempt was lost), any.
+-- answer to the first attempt was lost), any. Finishing a job of a limited queue wakes the
+-- workers (its slot is free).
 -- Returns one row of arrays.
 WITH outcome AS (
     -- Arrays as text literals and results as one JSON array: cheap to build in Python.
@@ -168,7 +206,11 @@ SELECT (SELECT array_agg(id) FROM done) AS done_ids,
        (SELECT count(*) FROM committed_result) AS committed_results,
        (SELECT count(*) FROM released) AS released,
        (SELECT count(*) FROM (SELECT pg_notify('qdworker_jobs', 'release')
-                                FROM released LIMIT 1) AS wake) AS woken
+                                FROM released LIMIT 1) AS wake) AS woken,
+       -- A slot of a limited queue came free: its waiting jobs may start on any worker.
+       (SELECT count(*) FROM (SELECT pg_notify('qdworker_jobs', 'slot')
+                                FROM done JOIN worker_queues AS w ON w.name = done.queue
+                               WHERE qdworker_queue_is_limited(w) LIMIT 1) AS slot) AS slot
 
 -- name: release
 -- Give runs back (the stuck-worker watchdog): pending again at once; wake the others.

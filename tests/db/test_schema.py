@@ -239,7 +239,8 @@ def test_claim_returns_the_job_fields_in_order(sql: psycopg.Connection) -> None:
     sql.execute("INSERT INTO worker_jobs (type) VALUES ('x')")
     cur = sql.execute(
         statements.get("claim"),
-        {"limit": 1, "owner": "t", "lease_seconds": 5, "types": ["x"], "rescue": True},
-    )
+        {"limit": 1, "owner": "t", "lease_seconds": 5, "types": ["x"], "rescue": True,
+         "queues": None, "cursor_queues": [], "cursor_orders": [], "cursor_ids": []},
+    )  # fmt: skip
     assert cur.description is not None
-    assert [c.name for c in cur.description] == [*COLUMNS, "lost"]
+    assert [c.name for c in cur.description] == [*COLUMNS, "lost", "run_order"]

@@ -137,3 +137,20 @@ async def raise_on_cancel(ctx: Any) -> dict[str, Any]:
     except trio.Cancelled as exc:
         raise ValueError("raised while being cancelled") from exc
     return {"slept": True}
+
+
+@job("span")
+async def span(ctx: Any) -> dict[str, Any]:
+    """Record when the handler ran (database clock) in test_spans; sleep data.seconds."""
+    job = ctx.job
+    await ctx.db.execute(
+        "INSERT INTO test_spans (job_id, claims, queue, key, started) "
+        "VALUES (%s, %s, %s, %s, clock_timestamp())",
+        (job.id, job.claims, job.queue, job.concurrency_key),
+    )
+    await trio.sleep(float(job.data.get("seconds", 0.05)))
+    await ctx.db.execute(
+        "UPDATE test_spans SET ended = clock_timestamp() WHERE job_id = %s AND claims = %s",
+        (job.id, job.claims),
+    )
+    return {"ok": True}
