@@ -81,4 +81,5 @@ USER_FIELDS: tuple[str, ...] = (
     "queue",
     "priority",
     "concurrency_key",
+    "on_tag_conflict",
 )
