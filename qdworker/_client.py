@@ -43,6 +43,8 @@ MAX_PRIORITY = 1_000_000
 MAX_DATA_BYTES = 1024 * 1024
 #: Most jobs in one ``submit_jobs`` call (one statement).
 MAX_BATCH = 100_000
+#: What an insert does to the unfinished jobs of its tag (``on_tag_conflict``).
+TAG_CONFLICT_MODES = ("replace", "keep")
 
 
 def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -149,6 +151,15 @@ def _priority(key: str, value: Any) -> dict[str, Any]:
     return {key: value}
 
 
+def _on_tag_conflict(key: str, value: Any) -> dict[str, Any]:
+    if value not in TAG_CONFLICT_MODES:
+        raise InvalidJobError(
+            "on_tag_conflict must be 'replace' (cancel the pending job of the tag, the default) "
+            "or 'keep' (keep the pending or running job of the tag and insert nothing)"
+        )
+    return {key: value}
+
+
 def _timeout(key: str, value: Any) -> dict[str, Any]:
     if not (_is_int(value) or isinstance(value, float)) or not value > 0:
         raise InvalidJobError("timeout_seconds must be a number > 0")
@@ -171,6 +182,7 @@ _OPTIONAL_FIELDS: dict[str, Callable[[str, Any], dict[str, Any]]] = {
     "queue": _text,
     "priority": _priority,
     "concurrency_key": _text,
+    "on_tag_conflict": _on_tag_conflict,
 }
 
 
@@ -218,28 +230,54 @@ class Queue:
         await self.aclose()
 
     async def submit_job(self, *, connection: Any = None, **fields: Any) -> Job:
-        """Insert one job; return it as stored (with its id). See :func:`prepare_job`."""
+        """Insert one job; return it as stored (with its id). See :func:`prepare_job`.
+
+        A job with a tag cancels the pending job of that tag (QuickDapp's rule). With
+        ``on_tag_conflict="keep"`` it is instead not inserted while its tag has a pending or
+        running job, and that job is returned (the newest, if several), read after the insert
+        in the same transaction; if it finished in between, this job is inserted after all.
+        To know which happened, put something unique to the call in ``data`` (a request id)
+        and look for it in the returned job's ``data``: creation times and ids do not tell
+        reliably. Concurrent keep-mode submissions of one tag leave one unfinished job.
+        """
         prepared = prepare_job(fields)
+        if prepared.get("on_tag_conflict") == "keep":
+            [job] = await self._keeping([prepared], connection)
+            return job
         params = {key: prepared.get(key) for key in _SINGLE_PARAMS}
         params["data"] = json.dumps(prepared["data"])
         if connection is not None:
-            [job] = await _on_callers(connection, "insert_job", params)
-            return job
+            [job] = await _on_callers(connection, store.statement_rows("insert_job", params))
+            return cast(Job, job)
         return await self._run(lambda raw: store.insert_job(raw, params))
 
     async def submit_jobs(
         self, jobs: Iterable[Mapping[str, Any]], *, connection: Any = None
     ) -> list[Job]:
-        """Insert many jobs in one statement; return them in the order given."""
+        """Insert many jobs in one statement; return them in the order given.
+
+        For an entry with ``on_tag_conflict="keep"`` the list holds the job kept instead, if
+        any (see :meth:`submit_job`). Entries are inserted in order, so of keep-mode entries
+        sharing a tag the first may be inserted and the later ones get it. A batch with
+        keep-mode entries runs in one transaction: the insert, then the read of the jobs kept.
+        """
         prepared = [prepare_job(fields) for fields in jobs]
         if len(prepared) > MAX_BATCH:
             raise InvalidJobError(f"submit_jobs takes at most {MAX_BATCH} jobs per call")
         if not prepared:
             return []
+        if any(entry.get("on_tag_conflict") == "keep" for entry in prepared):
+            return await self._keeping(prepared, connection)
         if connection is not None:
-            inserted = await _on_callers(connection, "insert_jobs", {"jobs": json.dumps(prepared)})
+            steps = store.statement_rows("insert_jobs", {"jobs": json.dumps(prepared)})
+            inserted = await _on_callers(connection, steps)
             return sorted(inserted, key=lambda job: job.id)
         return await self._run(lambda raw: store.insert_jobs(raw, prepared))
+
+    async def _keeping(self, prepared: list[dict[str, Any]], connection: Any) -> list[Job]:
+        if connection is not None:
+            return await _on_callers(connection, store.keep_rounds(prepared), atomic=True)
+        return await self._run(lambda raw: store.insert_jobs_keeping(raw, prepared))
 
     async def get_job(self, job_id: int) -> Job | None:
         return await self._run(lambda raw: store.get_job(raw, job_id), idempotent=True)
@@ -285,25 +323,41 @@ class Queue:
         return await self._link.run(fn, idempotent=idempotent)
 
 
-async def _on_callers(connection: Any, name: str, params: Mapping[str, Any]) -> list[Job]:
-    """Run statement ``name`` on the caller's own connection (inside their transaction)."""
-    query = statements.get(name)
+async def _on_callers(connection: Any, steps: store.Steps[T], *, atomic: bool = False) -> T:
+    """Run ``steps`` on the caller's own connection (inside their transaction; in one of its
+    own when it is in autocommit mode and ``atomic``). Raises ``TypeError`` for anything but a
+    psycopg ``Connection`` or ``AsyncConnection``; database errors as qdworker's."""
     if isinstance(connection, psycopg.AsyncConnection):
         try:
-            async with connection.cursor(row_factory=store.job_row, binary=True) as cur:
-                await cur.execute(cast(Any, query), params)
-                return await cur.fetchall()
+            if atomic and connection.autocommit:
+                async with connection.transaction():
+                    return await _run_async(connection, steps)
+            return await _run_async(connection, steps)
         except psycopg.Error as exc:
             raise translate(exc) from exc
     if isinstance(connection, psycopg.Connection):
 
-        def call(raw: Raw) -> list[Job]:
-            with raw.cursor(row_factory=store.job_row, binary=True) as cur:
-                cur.execute(cast(Any, query), params)
-                return cur.fetchall()
+        def call(raw: Raw) -> T:
+            if atomic and raw.autocommit:
+                with raw.transaction():
+                    return store.run_steps(raw, steps)
+            return store.run_steps(raw, steps)
 
         return await Connection(connection, deadline=None).run(call)
     raise TypeError("connection must be a psycopg Connection or AsyncConnection")
+
+
+async def _run_async(connection: psycopg.AsyncConnection[Any], steps: store.Steps[T]) -> T:
+    """:func:`store.run_steps` on an asyncio connection."""
+    try:
+        name, params = next(steps)
+        while True:
+            async with connection.cursor(row_factory=store.maybe_job_row, binary=True) as cur:
+                await cur.execute(cast(Any, statements.get(name)), params)
+                rows = await cur.fetchall()
+            name, params = steps.send(rows)
+    except StopIteration as done:
+        return cast(T, done.value)
 
 
 def _default_dsn() -> str:

@@ -16,6 +16,9 @@ class Job:
 
     ``attempt`` is the 1-based attempt number across the retry chain (a run lost with its
     worker counts as one). ``claims`` is the fencing token of the current run.
+    ``on_tag_conflict`` is the tag rule it was inserted under: ``'replace'`` (it cancelled the
+    pending job of its tag: QuickDapp's rule) or ``'keep'`` (inserted only if its tag had no
+    pending or running job; its retries and cron ticks copy it but are never skipped).
     """
 
     id: int
@@ -49,6 +52,7 @@ class Job:
     queue: str
     priority: int
     concurrency_key: str | None
+    on_tag_conflict: str
 
     @property
     def status(self) -> JobStatus:
@@ -77,4 +81,5 @@ USER_FIELDS: tuple[str, ...] = (
     "queue",
     "priority",
     "concurrency_key",
+    "on_tag_conflict",
 )

@@ -122,6 +122,8 @@ async def _all(queue: Queue) -> list[Job]:
         ({"type": "x", "timeout_seconds": 0}, "timeout_seconds"),
         ({"type": "x", "timeout_seconds": float("nan")}, "timeout_seconds"),
         ({"type": "x", "due": float("inf")}, "due must be"),
+        ({"type": "x", "on_tag_conflict": "skip"}, "on_tag_conflict must be"),
+        ({"type": "x", "on_tag_conflict": ["keep"]}, "on_tag_conflict must be"),
     ],
 )
 async def test_invalid_input_is_rejected_before_writing(

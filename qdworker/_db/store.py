@@ -10,10 +10,10 @@ are psycopg's; the caller's connection layer translates them (:func:`.connect.tr
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg.rows import RowMaker
@@ -21,9 +21,11 @@ from psycopg.rows import RowMaker
 from .._model import COLUMNS, Job
 from .._registry import CronJob
 from .._schedule import cron
+from ..errors import DatabaseError
 from . import statements
 
 Raw = psycopg.Connection[Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +56,18 @@ def job_row(cursor: Any) -> RowMaker[Job]:
 
     def make(values: Sequence[Any]) -> Job:
         return Job(*[values[i] for i in job])
+
+    return make
+
+
+def maybe_job_row(cursor: Any) -> RowMaker[Job | None]:
+    """Row factory: :func:`job_row`, but ``None`` for a row whose ``id`` is NULL (an entry of
+    ``insert_jobs_per_entry`` the insert trigger skipped)."""
+    job, _ = _positions(cursor)
+    id_at = job[COLUMNS.index("id")]
+
+    def make(values: Sequence[Any]) -> Job | None:
+        return None if values[id_at] is None else Job(*[values[i] for i in job])
 
     return make
 
@@ -281,6 +295,68 @@ def insert_job(raw: Raw, params: Mapping[str, Any]) -> Job:
 def insert_jobs(raw: Raw, prepared: Sequence[Mapping[str, Any]]) -> list[Job]:
     jobs = _rows(raw, "insert_jobs", {"jobs": json.dumps(prepared)}, job_row)
     return sorted(cast(list[Job], jobs), key=lambda job: job.id)
+
+
+#: Statements to run one after the other, each answered with its rows (``maybe_job_row``),
+#: then a result: the client's submissions, apart from the connection they run on.
+Steps = Generator[tuple[str, Mapping[str, Any]], list[Any], T]
+
+#: Rounds of a keep-mode submission (see :func:`keep_rounds`).
+_KEEP_ROUNDS = 2
+
+
+def statement_rows(name: str, params: Mapping[str, Any]) -> Steps[list[Any]]:
+    """One statement; its rows."""
+    rows = yield name, params
+    return rows
+
+
+def keep_rounds(prepared: Sequence[Mapping[str, Any]]) -> Steps[list[Job]]:
+    """Insert jobs some of which are in keep mode; each entry's inserted or kept job, in order.
+
+    Run them in one transaction. A skipped entry gets the newest unfinished job of its tag,
+    read by a later statement (so it sees jobs committed meanwhile). If that job finished in
+    between, nothing of the tag is unfinished and, the transaction holding the tag's lock since
+    the insert, nothing can become so: the entry is inserted in a second round (of several
+    such entries of one tag the first; the others get it). Raises :class:`DatabaseError` if a
+    second round is not enough, which only a row of the tag made unfinished again by hand can
+    cause.
+    """
+    jobs: list[Job | None] = [None] * len(prepared)
+    todo = list(range(len(prepared)))
+    for _ in range(_KEEP_ROUNDS):
+        batch = json.dumps([prepared[i] for i in todo])
+        rows = yield "insert_jobs_per_entry", {"jobs": batch}
+        for i, row in zip(todo, rows, strict=True):
+            jobs[i] = row
+        skipped = [i for i in todo if jobs[i] is None]
+        if not skipped:
+            return cast(list[Job], jobs)
+        tags = sorted({prepared[i]["tag"] for i in skipped})
+        holders = {job.tag: job for job in (yield "tag_holders", {"tags": tags})}
+        for i in skipped:
+            jobs[i] = holders.get(prepared[i]["tag"])
+        todo = [i for i in skipped if jobs[i] is None]
+        if not todo:
+            return cast(list[Job], jobs)
+    tags = sorted({prepared[i]["tag"] for i in todo})
+    raise DatabaseError(f"keep mode: the unfinished jobs of tags {tags} vanished twice")
+
+
+def run_steps(raw: Raw, steps: Steps[T]) -> T:
+    """Run ``steps`` on ``raw``; their result."""
+    try:
+        name, params = next(steps)
+        while True:
+            name, params = steps.send(_rows(raw, name, params, maybe_job_row))
+    except StopIteration as done:
+        return cast(T, done.value)
+
+
+def insert_jobs_keeping(raw: Raw, prepared: Sequence[Mapping[str, Any]]) -> list[Job]:
+    """:func:`keep_rounds` in a transaction of its own."""
+    with raw.transaction():
+        return run_steps(raw, keep_rounds(prepared))
 
 
 def get_job(raw: Raw, job_id: int) -> Job | None:

@@ -143,7 +143,7 @@ SELECT count(*) AS n,
 -- name: finish
 -- One statement (so one round trip, atomic under autocommit) for a whole batch of outcomes:
 -- finish rows (fenced), insert retry / next-tick successors of the rows actually finished
--- (copying every user field), store the results of runs a handler's transaction already
+-- (copying every user field; the insert trigger never skips a successor), store the results of runs a handler's transaction already
 -- finished (%(committed)s), give back released runs (pending again at once) and wake the
 -- other workers if any were released. Rows this run finished already count as done: those a
 -- handler's transaction finished, and, when %(again)s (the batch is written again because the
@@ -179,12 +179,13 @@ WITH outcome AS (
     INSERT INTO worker_jobs (
         tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
         auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-        timeout_seconds, queue, priority, concurrency_key, rescheduled_from_job, attempt)
+        timeout_seconds, queue, priority, concurrency_key, on_tag_conflict,
+        rescheduled_from_job, attempt)
     SELECT d.tag, d.type, d.user_id, d.data,
            coalesce(s.due, now() + s.delay_ms * interval '1 millisecond'),
            d.cron_schedule, d.auto_reschedule_on_failure, d.auto_reschedule_on_failure_delay,
            d.remove_delay, d.persistent, d.max_attempts, d.backoff, d.timeout_seconds, d.queue,
-           d.priority, d.concurrency_key, d.id, s.attempt
+           d.priority, d.concurrency_key, d.on_tag_conflict, d.id, s.attempt
       FROM jsonb_to_recordset(%(successors)s::jsonb)
            AS s(from_id bigint, due timestamptz, delay_ms double precision, attempt integer)
       JOIN done AS d ON d.id = s.from_id

@@ -62,6 +62,7 @@ def test_client_clock_is_ignored_for_created_at(sql: psycopg.Connection) -> None
         ("type, max_attempts", "'x', 0", "worker_jobs_max_attempts_check"),
         ("type, backoff", "'x', 'random'", "worker_jobs_backoff_check"),
         ("type, timeout_seconds", "'x', 0", "worker_jobs_timeout_check"),
+        ("type, on_tag_conflict", "'x', 'skip'", "worker_jobs_on_tag_conflict_check"),
     ],
 )
 def test_check_constraints_reject_nonsense(
