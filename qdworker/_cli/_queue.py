@@ -59,8 +59,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     change = actions.add_parser("set", help="change settings; the others stay",
                                 argument_default=argparse.SUPPRESS)  # fmt: skip
     change.add_argument("name", metavar="NAME")
-    change.add_argument("--concurrency", type=_limit, metavar="N|none",
-                        help="running jobs of the queue, cluster-wide")  # fmt: skip
+    # dest: the settings flags own "concurrency" (a worker's, QDWORKER_CONCURRENCY).
+    change.add_argument("--concurrency", dest="queue_concurrency", type=_limit,
+                        metavar="N|none", help="running jobs of the queue")  # fmt: skip
     change.add_argument("--key-concurrency", type=_limit, metavar="N|none",
                         help="running jobs per concurrency_key, cluster-wide")  # fmt: skip
     change.add_argument("--rate", type=_rate, metavar="N/PERIOD|none",
@@ -74,8 +75,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 def _changes(args: argparse.Namespace) -> dict[str, Any]:
     """The settings given (absent flags are absent from ``args``: argument_default)."""
     given = vars(args)
-    keys = ("concurrency", "key_concurrency", "fair")
-    changes: dict[str, Any] = {k: given[k] for k in keys if k in given}
+    changes: dict[str, Any] = {k: given[k] for k in ("key_concurrency", "fair") if k in given}
+    if "queue_concurrency" in given:
+        changes["concurrency"] = given["queue_concurrency"]
     if "rate" in given:
         changes["rate_limit"], period = given["rate"]
         if period is not None:
