@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-JobStatus = Literal["pending", "running", "succeeded", "failed"]
+JobStatus = Literal["pending", "running", "succeeded", "failed", "dead"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +15,9 @@ class Job:
     """One ``worker_jobs`` row: every column as an attribute, ``data`` as a dict.
 
     ``attempt`` is the 1-based attempt number across the retry chain (a run lost with its
-    worker counts as one). ``claims`` is the fencing token of the current run.
+    worker counts as one). ``claims`` is the fencing token of the current run. ``dead_at`` is
+    when the run failed for good (failed, not cancelled, no retry or cron tick scheduled);
+    ``None`` if it did not, or once it was redriven.
     """
 
     id: int
@@ -49,11 +51,16 @@ class Job:
     queue: str
     priority: int
     concurrency_key: str | None
+    dead_at: datetime | None
 
     @property
     def status(self) -> JobStatus:
+        """``dead``: failed for good (see ``dead_at``); ``failed``: a failure that was retried,
+        redriven or cancelled."""
         if self.finished is not None:
-            return "succeeded" if self.success else "failed"
+            if self.success:
+                return "succeeded"
+            return "dead" if self.dead_at is not None else "failed"
         return "pending" if self.started is None else "running"
 
 

@@ -1,0 +1,60 @@
+"""Dead letters end to end with real worker processes: which failures the completer marks
+dead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from procs import all_finished, running, start_worker, stop, wait_for
+from test_worker import JOBS, sql
+
+OUTCOMES = """INSERT INTO worker_jobs (type, tag, data, auto_reschedule_on_failure,
+    auto_reschedule_on_failure_delay, max_attempts, cron_schedule, timeout_seconds) VALUES
+    ('boom', 'plain', '{}', false, 0, NULL, NULL, NULL),
+    ('boom', 'chain', '{}', true, 0, 2, NULL, NULL),
+    ('boom', 'cron:fail', '{}', false, 0, NULL, '*/1 * * * * *', NULL),
+    ('sleep', 'timeout', '{"seconds": 30}', false, 0, NULL, NULL, 0.3),
+    ('noop', 'ok', '{}', false, 0, NULL, NULL, NULL)"""
+
+
+def _by_tag(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        found.setdefault(row["tag"], []).append(row)
+    return found
+
+
+def _settled(rows: list[dict[str, Any]]) -> bool:
+    tags = _by_tag(rows)
+    chain = tags.get("chain", [])
+    firsts = [tags[tag][0] for tag in ("plain", "cron:fail", "timeout", "ok", "cancel-me")]
+    return len(chain) == 2 and all_finished(chain) and all_finished(firsts)
+
+
+def test_only_final_failures_are_dead(jobs_db: str) -> None:
+    sql(jobs_db, OUTCOMES)
+    # Cancelled while pending, and replaced by a newer job of its tag (QuickDapp's rule).
+    sql(jobs_db, "INSERT INTO worker_jobs (type, tag, due) VALUES ('noop', 'pending', now() + interval '1 hour'), ('noop', 'replaced', now() + interval '1 hour'), ('noop', 'replaced', now() + interval '1 hour')")  # fmt: skip
+    sql(jobs_db, "SELECT qdworker_cancel_job(id) FROM worker_jobs WHERE tag = 'pending'")
+    [running_job] = sql(
+        jobs_db,
+        """INSERT INTO worker_jobs (type, tag, data) VALUES ('sleep', 'cancel-me',
+        '{"seconds": 60}') RETURNING id""",
+    )
+    with running(start_worker(jobs_db)) as worker:
+        wait_for(jobs_db, "SELECT 1 FROM test_runs WHERE job_id = %s", bool,
+                 params=(running_job["id"],))  # fmt: skip
+        sql(jobs_db, "SELECT qdworker_cancel_job(%s)", (running_job["id"],))
+        rows = wait_for(jobs_db, JOBS, _settled)
+        assert stop(worker) == 0
+    tags = _by_tag(rows)
+    dead = {(r["tag"], r["attempt"]) for r in rows if r["dead_at"] is not None}
+    # The chain's last attempt (no retries left), the failure with retries off, the timeout.
+    assert dead == {("chain", 2), ("plain", 1), ("timeout", 1)}
+    assert tags["chain"][1]["result"]["gave_up"] == "attempt 2 of 2 failed: no retries left"
+    assert tags["chain"][0]["success"] is False  # failed, but retried: not dead
+    assert tags["cron:fail"][0]["success"] is False  # its next tick is scheduled: not dead
+    assert tags["timeout"][0]["result"]["error_type"] == "JobTimeout"
+    for tag in ("pending", "replaced", "cancel-me"):
+        assert tags[tag][0]["success"] is False and tags[tag][0]["dead_at"] is None, tag
+    assert all(r["dead_at"] == r["finished"] for r in rows if r["dead_at"] is not None)
