@@ -1,10 +1,11 @@
 """Dead letters end to end with real worker processes: which failures the completer marks
-dead."""
+dead, and cleanup's retention of dead rows."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from procs import all_finished, running, start_worker, stop, wait_for
 from test_worker import JOBS, sql
 
@@ -58,3 +59,34 @@ def test_only_final_failures_are_dead(jobs_db: str) -> None:
     for tag in ("pending", "replaced", "cancel-me"):
         assert tags[tag][0]["success"] is False and tags[tag][0]["dead_at"] is None, tag
     assert all(r["dead_at"] == r["finished"] for r in rows if r["dead_at"] is not None)
+
+
+CLEANUP_ROWS = """INSERT INTO worker_jobs (type, finished, success, dead_at, remove_at) VALUES
+    ('deadRecent', now(), false, now() - interval '10 minutes', now() - interval '1 minute'),
+    ('deadOld', now(), false, now() - interval '2 hours', now() - interval '1 minute'),
+    ('deadYoung', now(), false, now(), now() + interval '1 hour'),
+    ('retried', now(), false, NULL, now() - interval '1 minute'),
+    ('succeeded', now(), true, NULL, now() - interval '1 minute')"""
+
+
+@pytest.mark.parametrize(
+    ("retention", "left"),
+    [
+        ({"QDWORKER_DEAD_JOB_RETENTION": "3600"}, ["deadRecent", "deadYoung"]),
+        ({}, ["deadYoung"]),  # the default, 0: dead rows go at remove_at like the others
+    ],
+)
+def test_cleanup_keeps_dead_jobs_for_the_retention(
+    jobs_db: str, retention: dict[str, str], left: list[str]
+) -> None:
+    sql(jobs_db, CLEANUP_ROWS)
+    [job] = sql(
+        jobs_db, "INSERT INTO worker_jobs (type) VALUES ('removeOldWorkerJobs') RETURNING id"
+    )
+    with running(start_worker(jobs_db, **retention)) as worker:
+        [done] = wait_for(jobs_db, "SELECT * FROM worker_jobs WHERE id = %s", all_finished,
+                          params=(job["id"],))  # fmt: skip
+        assert stop(worker) == 0
+    assert done["success"] is True, done["result"]
+    types = sorted(r["type"] for r in sql(jobs_db, "SELECT type FROM worker_jobs"))
+    assert types == sorted([*left, "removeOldWorkerJobs"])
