@@ -1,4 +1,4 @@
-"""Submitting and cancelling jobs from an application: :class:`Queue`.
+"""Submitting, cancelling and redriving jobs from an application: :class:`Queue`.
 
 The same code works under trio and asyncio (anyio)::
 
@@ -41,6 +41,10 @@ MAX_PRIORITY = 1_000_000
 MAX_DATA_BYTES = 1024 * 1024
 #: Most jobs in one ``submit_jobs`` call (one statement).
 MAX_BATCH = 100_000
+#: Most dead jobs one ``dead_jobs`` call lists.
+MAX_DEAD_LIST = 10_000
+#: Most dead jobs one ``retry_dead`` call redrives (``qdworker_retry_dead`` agrees).
+MAX_RETRY_DEAD = 100_000
 
 
 def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -172,6 +176,31 @@ _OPTIONAL_FIELDS: dict[str, Callable[[str, Any], dict[str, Any]]] = {
 }
 
 
+def dead_filters(
+    type: str | None,
+    queue: str | None,
+    error_type: str | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> dict[str, Any]:
+    """The filters of dead-job listing and redrive, checked (``None``: any). Raises
+    :class:`InvalidJobError` naming the first bad one."""
+    filters = {"type": type, "queue": queue, "error_type": error_type}
+    for key, value in filters.items():
+        if value is not None:
+            _name(key, value)
+    for key, moment in (("since", since), ("until", until)):
+        if moment is not None and (not isinstance(moment, datetime) or moment.tzinfo is None):
+            raise InvalidJobError(f"{key} must be a timezone-aware datetime (or None)")
+    return {**filters, "since": since, "until": until}
+
+
+def _limit(value: Any, maximum: int) -> int:
+    if not _is_int(value) or not 1 <= value <= maximum:
+        raise InvalidJobError(f"limit must be an integer from 1 to {maximum}")
+    return int(value)
+
+
 #: Parameters of the single-job ``insert_job`` statement.
 _SINGLE_PARAMS = (*USER_FIELDS, "delay_ms")
 
@@ -250,6 +279,66 @@ class Queue:
             lambda raw: store.cancel_job(raw, job_id, reason), idempotent=True
         )
         return cast(CancelOutcome, outcome)
+
+    async def dead_jobs(
+        self,
+        *,
+        type: str | None = None,
+        queue: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Dead jobs (failed for good, see ``Job.dead_at``), the latest death first, at most
+        ``limit`` (1 to :data:`MAX_DEAD_LIST`). Filters (``None``: any): ``type``, ``queue``,
+        the result's ``error_type``, and when they died (``since`` included, ``until`` not;
+        aware datetimes). Raises :class:`InvalidJobError` for a bad filter or limit."""
+        filters = dead_filters(type, queue, error_type, since, until)
+        checked = _limit(limit, MAX_DEAD_LIST)
+        return await self._run(lambda raw: store.dead_jobs(raw, filters, checked), idempotent=True)
+
+    async def retry_job(self, job_id: int) -> Job | None:
+        """Redrive a dead job: a new attempt, due now, copying its fields, linked to it by
+        ``rescheduled_from_job``, with ``attempt + 1`` and a fresh retry budget (its
+        ``max_attempts`` grows by the attempts spent); the dead row stops being dead. Returns
+        the new attempt, or ``None`` when the job is not dead (not found, not failed for good,
+        redriven already) or another unfinished job has its tag. A call cut off after it was
+        sent raises :class:`~qdworker.errors.OutcomeUnknownError`; calling again never makes
+        a second attempt (it returns ``None`` if the first call went through)."""
+
+        def call(raw: Raw) -> Job | None:
+            with raw.transaction():
+                new_id = store.retry_job(raw, job_id)
+                return None if new_id is None else store.get_job(raw, new_id)
+
+        return await self._run(call)
+
+    async def retry_dead(
+        self,
+        *,
+        type: str | None = None,
+        queue: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[Job]:
+        """Redrive up to ``limit`` (1 to :data:`MAX_RETRY_DEAD`) dead jobs matching the
+        filters of :meth:`dead_jobs`, the oldest death first, each as :meth:`retry_job` does,
+        in one transaction; returns the new attempts in id order. Dead jobs another unfinished
+        job's tag supersedes stay dead; rows another transaction holds are left for later.
+        Raises :class:`InvalidJobError` for a bad filter or limit, and, like
+        :meth:`retry_job`, :class:`~qdworker.errors.OutcomeUnknownError` when cut off."""
+        filters = dead_filters(type, queue, error_type, since, until)
+        checked = _limit(limit, MAX_RETRY_DEAD)
+
+        def call(raw: Raw) -> list[Job]:
+            with raw.transaction():
+                pairs = store.retry_dead(raw, filters, checked)
+                return store.get_jobs(raw, (new for _, new in pairs if new is not None))
+
+        return await self._run(call)
 
     async def _run(self, fn: Callable[[Raw], T], *, idempotent: bool = False) -> T:
         if self._link is None:

@@ -1,19 +1,21 @@
-"""Dead letters in SQL: the functions ``qdworker_retry_job`` / ``qdworker_retry_dead``, the
-watchdog's completion, and the migration that marks the rows that died before it. Real
-Postgres; dead rows are written as the completer leaves them (tests/worker/test_dead_marking.py
-makes them with real workers)."""
+"""Dead letters without workers: listing and redriving dead jobs through the API and the SQL
+functions ``qdworker_retry_job`` / ``qdworker_retry_dead``, the watchdog's completion, and the
+migration that marks the rows that died before it. Real Postgres; dead rows are written as the
+completer leaves them (tests/worker/test_dead_marking.py makes them with real workers)."""
 
 from __future__ import annotations
 
 import json
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 from waiting import wait_until
 
+from qdworker import InvalidJobError, Queue
 from qdworker._db import connection, migrate, statements
 
 DEAD_ROW = """
@@ -39,6 +41,102 @@ def dead(
     row = sql.execute(DEAD_ROW, params).fetchone()
     assert row is not None
     return int(row["id"])
+
+
+def ids(jobs: list[Any]) -> list[int]:
+    return [job.id for job in jobs]
+
+
+async def test_dead_jobs_are_listed_by_filter_the_latest_death_first(
+    sql: psycopg.Connection, db_url: str
+) -> None:
+    hour = timedelta(hours=1)
+    old = dead(sql, ago=3 * hour)
+    emails = dead(sql, queue="emails", ago=hour)
+    timeout = dead(sql, "other", error_type="JobTimeout", ago=timedelta(minutes=10))
+    # Not dead: a failure that was retried, a success, a pending job.
+    sql.execute(
+        """INSERT INTO worker_jobs (type, finished, success, result) VALUES
+        ('boom', now(), false, '{"error": "x", "error_type": "ValueError"}'),
+        ('boom', now(), true, '{}'), ('boom', NULL, NULL, NULL)"""
+    )
+    now = datetime.now(UTC)
+    async with Queue(db_url) as queue:
+        everything = await queue.dead_jobs()
+        assert ids(everything) == [timeout, emails, old]
+        assert {job.status for job in everything} == {"dead"}
+        assert all(job.dead_at is not None for job in everything)
+        assert ids(await queue.dead_jobs(type="boom")) == [emails, old]
+        assert ids(await queue.dead_jobs(queue="emails")) == [emails]
+        assert ids(await queue.dead_jobs(error_type="JobTimeout")) == [timeout]
+        assert ids(await queue.dead_jobs(since=now - 2 * hour)) == [timeout, emails]
+        assert ids(await queue.dead_jobs(until=now - 2 * hour)) == [old]
+        window = await queue.dead_jobs(since=now - 2 * hour, until=now - timedelta(minutes=30))
+        assert ids(window) == [emails]
+        assert ids(await queue.dead_jobs(limit=2)) == [timeout, emails]
+        retried = await queue.get_job(timeout + 1)
+        assert retried is not None and retried.status == "failed" and retried.dead_at is None
+
+
+@pytest.mark.parametrize(
+    ("filters", "message"),
+    [
+        ({"limit": 0}, "limit must be an integer from 1 to 10000"),
+        ({"limit": 10_001}, "limit must be an integer from 1 to 10000"),
+        ({"limit": True}, "limit must be"),
+        ({"since": datetime(2030, 1, 1)}, "since must be a timezone-aware datetime"),
+        ({"until": "yesterday"}, "until must be a timezone-aware datetime"),
+        ({"type": ""}, "type must be"),
+        ({"error_type": "x" * 256}, "error_type must be"),
+    ],
+)
+async def test_bad_filters_are_refused(db_url: str, filters: dict[str, Any], message: str) -> None:
+    async with Queue(db_url) as queue:
+        with pytest.raises(InvalidJobError, match=message):
+            await queue.dead_jobs(**filters)
+        if "limit" not in filters:
+            with pytest.raises(InvalidJobError, match=message):
+                await queue.retry_dead(**filters)
+        with pytest.raises(InvalidJobError, match="limit must be an integer from 1 to 100000"):
+            await queue.retry_dead(limit=100_001)
+
+
+EVERY_FIELD = """
+INSERT INTO worker_jobs (type, tag, user_id, data, cron_schedule, auto_reschedule_on_failure,
+    auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
+    timeout_seconds, queue, priority, concurrency_key, attempt, started, finished, success,
+    result, dead_at, claims)
+VALUES ('boom', 'email:42', 7, '{"to": "a@b.c"}', '0 0 1 1 *', true, 1500, 60000, true, 3,
+    'exponential', 2.5, 'emails', 5, 'tenant:1', 3, now(), now(), false,
+    '{"error": "no", "error_type": "ValueError", "gave_up": "attempt 3 of 3 failed"}', now(), 1)
+RETURNING *
+"""
+FIELDS = ("tag", "type", "user_id", "data", "cron_schedule", "auto_reschedule_on_failure",
+          "auto_reschedule_on_failure_delay", "remove_delay", "persistent", "backoff",
+          "timeout_seconds", "queue", "priority", "concurrency_key")  # fmt: skip
+
+
+async def test_retry_job_makes_a_linked_attempt_with_a_fresh_budget(
+    sql: psycopg.Connection, db_url: str
+) -> None:
+    old = sql.execute(EVERY_FIELD).fetchone()
+    assert old is not None
+    unlimited = dead(sql)
+    async with Queue(db_url) as queue:
+        new = await queue.retry_job(old["id"])
+        assert new is not None and new.id > old["id"]
+        assert {f: getattr(new, f) for f in FIELDS} == {f: old[f] for f in FIELDS}
+        assert (new.rescheduled_from_job, new.attempt, new.max_attempts) == (old["id"], 4, 6)
+        assert new.status == "pending" and new.dead_at is None and new.due <= new.created_at
+        before = await queue.get_job(old["id"])
+        assert before is not None and before.dead_at is None and before.status == "failed"
+        assert before.result == old["result"]  # the dead run's outcome is kept
+        assert await queue.retry_job(old["id"]) is None  # redriven already: not dead
+        assert await queue.retry_job(new.id) is None  # pending: not dead
+        assert await queue.retry_job(999_999_999) is None
+        again = await queue.retry_job(unlimited)
+        assert again is not None and again.max_attempts is None and again.attempt == 2
+        assert await queue.dead_jobs() == []
 
 
 def _redrive_in_thread(db_url: str, job_id: int, out: list[Any]) -> threading.Thread:
@@ -71,6 +169,51 @@ def test_two_concurrent_redrives_of_one_job_make_one_attempt(
     assert created is not None and second == [(None,)]
     rows = sql.execute("SELECT id FROM worker_jobs WHERE rescheduled_from_job = %s", (job_id,))
     assert [row["id"] for row in rows] == [created]
+
+
+async def test_retry_is_skipped_while_another_unfinished_job_has_the_tag(
+    sql: psycopg.Connection, db_url: str
+) -> None:
+    job_id = dead(sql, tag="email:42")
+    row = sql.execute("INSERT INTO worker_jobs (type, tag) VALUES ('x', 'email:42') RETURNING id")
+    newer = row.fetchone()
+    assert newer is not None
+    async with Queue(db_url) as queue:
+        assert await queue.retry_job(job_id) is None
+        pending = await queue.get_job(newer["id"])
+        assert pending is not None and pending.status == "pending"  # not cancelled by a redrive
+        assert ids(await queue.dead_jobs()) == [job_id]  # still dead
+        assert await queue.cancel_job(newer["id"]) == "cancelled"
+        redriven = await queue.retry_job(job_id)
+    assert redriven is not None and redriven.tag == "email:42"
+
+
+async def test_retry_dead_redrives_by_filter_oldest_first_bounded(
+    sql: psycopg.Connection, db_url: str
+) -> None:
+    boom = [dead(sql, ago=timedelta(minutes=m)) for m in (50, 40, 30, 20, 10)]
+    other = dead(sql, "other", ago=timedelta(minutes=45))
+    elsewhere = dead(sql, queue="emails", ago=timedelta(minutes=45))
+    async with Queue(db_url) as queue:
+        first = await queue.retry_dead(type="boom", queue="default", limit=3)
+        assert [job.rescheduled_from_job for job in first] == boom[:3]
+        assert all(job.status == "pending" and job.attempt == 2 for job in first)
+        left = await queue.dead_jobs()
+    assert sorted(ids(left)) == sorted([*boom[3:], other, elsewhere])
+    # The SQL form, with the error_type and time filters.
+    since = datetime.now(UTC) - timedelta(minutes=25)
+    rows = sql.execute(
+        "SELECT * FROM qdworker_retry_dead(job_type => 'boom', error_type => 'ValueError',"
+        " since => %s, until => now())",
+        (since,),
+    ).fetchall()
+    assert [row["old_id"] for row in rows] == boom[3:]
+    assert (
+        sql.execute("SELECT * FROM qdworker_retry_dead(error_type => 'JobTimeout')").fetchall()
+        == []
+    )
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="between 1 and 100000"):
+        sql.execute("SELECT * FROM qdworker_retry_dead(max_jobs => 100001)")
 
 
 def test_bulk_redrive_skips_superseded_tags_and_wakes_workers_once(

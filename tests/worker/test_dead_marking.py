@@ -1,13 +1,16 @@
 """Dead letters end to end with real worker processes: which failures the completer marks
-dead, and cleanup's retention of dead rows."""
+dead, a redriven job running again as a new attempt, and cleanup's retention of dead rows."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 from procs import all_finished, running, start_worker, stop, wait_for
 from test_worker import JOBS, sql
+
+from qdworker import Queue
 
 OUTCOMES = """INSERT INTO worker_jobs (type, tag, data, auto_reschedule_on_failure,
     auto_reschedule_on_failure_delay, max_attempts, cron_schedule, timeout_seconds) VALUES
@@ -59,6 +62,28 @@ def test_only_final_failures_are_dead(jobs_db: str) -> None:
     for tag in ("pending", "replaced", "cancel-me"):
         assert tags[tag][0]["success"] is False and tags[tag][0]["dead_at"] is None, tag
     assert all(r["dead_at"] == r["finished"] for r in rows if r["dead_at"] is not None)
+
+
+async def test_redriven_dead_jobs_run_again_as_new_attempts(jobs_db: str) -> None:
+    sql(
+        jobs_db,
+        """INSERT INTO worker_jobs (type, auto_reschedule_on_failure, max_attempts)
+        VALUES ('boom', true, 1)""",
+    )
+    with running(start_worker(jobs_db, QDWORKER_POLL_INTERVAL="30")) as worker:
+        [first] = wait_for(jobs_db, JOBS, lambda rows: rows[0]["dead_at"] is not None)
+        async with Queue(jobs_db) as queue:
+            [again] = await queue.retry_dead(type="boom")
+            assert again.rescheduled_from_job == first["id"]
+        rows = wait_for(jobs_db, JOBS, lambda rows: len(rows) == 2 and all_finished(rows))
+        assert stop(worker) == 0
+    old, new = rows
+    assert old["dead_at"] is None and old["success"] is False  # redriven: not dead any more
+    # The new attempt had one more try (max_attempts 1 + 1 spent), used it, and died.
+    assert (new["attempt"], new["max_attempts"], new["success"]) == (2, 2, False)
+    assert new["dead_at"] is not None and new["rescheduled_from_job"] == old["id"]
+    # Woken by the insert's NOTIFY, not by the 30 s poll.
+    assert new["started"] - new["created_at"] < timedelta(seconds=10)
 
 
 CLEANUP_ROWS = """INSERT INTO worker_jobs (type, finished, success, dead_at, remove_at) VALUES
