@@ -8,6 +8,10 @@ Subcommands (``run`` when none is given)::
     db psql [ARGS...]      psql on the database (starts the embedded Postgres if needed)
     cancel ID [--reason R] cancel a job; prints cancelled / cancelling / finished / not_found
     status                 jobs by status
+    jobs --dead [FILTERS]  dead jobs (failed for good), the latest death first
+    retry ID [ID ...]      redrive dead jobs; prints old id -> new id, and what was skipped
+    retry --dead [FILTERS] redrive the dead jobs matching FILTERS (--type, --queue,
+                           --error-type, --since, --until, --limit)
     token --user N         mint a websocket token
     bench                  qdworker's own benchmark
 
@@ -35,7 +39,7 @@ from .. import _logs as logs
 from .._benchmark.cli import COMMAND as BENCH
 from .._logs import module_logger
 from ..errors import ConfigError, QdworkerError
-from . import _db, _jobs, _run, _token
+from . import _db, _dead, _jobs, _run, _token
 from ._command import PROG, ArgumentParser, Command, fail, load_config, settings_parser
 
 logger = module_logger(__name__)
@@ -43,8 +47,11 @@ logger = module_logger(__name__)
 #: The subcommands, in ``--help`` order; the first is the default.
 COMMANDS: Final[dict[str, Command]] = {
     c.name: c
-    for c in (_run.COMMAND, _db.MIGRATE, _db.DB, _jobs.CANCEL, _jobs.STATUS, _token.COMMAND, BENCH)
-}
+    for c in (
+        _run.COMMAND, _db.MIGRATE, _db.DB, _jobs.CANCEL, _jobs.STATUS, _dead.JOBS, _dead.RETRY,
+        _token.COMMAND, BENCH,
+    )
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
