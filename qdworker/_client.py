@@ -1,4 +1,4 @@
-"""Submitting and cancelling jobs from an application: :class:`Queue`.
+"""Submitting, cancelling and redriving jobs from an application: :class:`Queue`.
 
 The same code works under trio and asyncio (anyio)::
 
@@ -16,9 +16,8 @@ so the job exists only if the caller's transaction commits.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal, TypeVar, cast
 
 import psycopg
@@ -27,164 +26,19 @@ from . import _queues as queues
 from ._db import statements, store
 from ._db.connect import DEFAULT_TIMEOUT_SECONDS, DbOptions, translate
 from ._db.connection import Connection, Link
+from ._fields import (
+    MAX_BATCH,
+    MAX_DEAD_LIST,
+    MAX_RETRY_DEAD,
+    check_limit,
+    dead_filters,
+    prepare_job,
+)
 from ._model import USER_FIELDS, Job
 from ._queues import QueueInfo
-from ._schedule import backoff as backoff_rules
-from ._schedule import cron
 from .errors import DatabaseError, InvalidJobError
 
 CancelOutcome = Literal["cancelled", "cancelling", "finished", "not_found"]
-
-#: Longest tag, type, queue, concurrency key and cron schedule (the CHECK constraints agree).
-MAX_NAME_CHARS = 255
-#: Largest priority either way (the CHECK constraint agrees); one step is a minute of waiting.
-MAX_PRIORITY = 1_000_000
-#: Largest ``data`` accepted through the API, as JSON.
-MAX_DATA_BYTES = 1024 * 1024
-#: Most jobs in one ``submit_jobs`` call (one statement).
-MAX_BATCH = 100_000
-#: What an insert does to the unfinished jobs of its tag (``on_tag_conflict``).
-TAG_CONFLICT_MODES = ("replace", "keep")
-
-
-def prepare_job(fields: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate one job's fields; return the JSON-ready dict ``insert_jobs`` takes.
-
-    Raises :class:`InvalidJobError` naming the first bad field. ``due`` may be an aware
-    ``datetime`` (absolute), a ``timedelta`` or a number of seconds (relative to the database
-    clock), or ``None`` (now).
-    """
-    unknown = set(fields) - set(USER_FIELDS)
-    if unknown:
-        raise InvalidJobError(
-            f"unknown job field(s) {sorted(unknown)}; accepted: {', '.join(USER_FIELDS)}"
-        )
-    out: dict[str, Any] = {"type": _name("type", fields.get("type")), "data": _data(fields)}
-    for key, check in _OPTIONAL_FIELDS.items():
-        value = fields.get(key)
-        if value is not None:
-            out.update(check(key, value))
-    return out
-
-
-def _name(key: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME_CHARS:
-        raise InvalidJobError(
-            f"{key} must be a non-empty string of at most {MAX_NAME_CHARS} characters"
-        )
-    return value
-
-
-def _data(fields: Mapping[str, Any]) -> Mapping[str, Any]:
-    data = fields.get("data")
-    if data is None:
-        return {}
-    if not isinstance(data, Mapping):
-        raise InvalidJobError(f"data must be a JSON object (a dict), not {type(data).__name__}")
-    try:
-        encoded = json.dumps(data, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidJobError(f"data is not JSON-serialisable: {exc}") from None
-    if len(encoded) > MAX_DATA_BYTES:
-        raise InvalidJobError(
-            f"data is {len(encoded)} bytes as JSON; the limit is {MAX_DATA_BYTES}"
-        )
-    return data
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _text(key: str, value: Any) -> dict[str, Any]:
-    return {key: _name(key, value)}
-
-
-def _count(key: str, value: Any) -> dict[str, Any]:
-    if not _is_int(value) or value < 0:
-        raise InvalidJobError(f"{key} must be an integer >= 0")
-    return {key: value}
-
-
-def _flag(key: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, bool):
-        raise InvalidJobError(f"{key} must be true or false")
-    return {key: value}
-
-
-def _due(key: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            raise InvalidJobError("due must be a timezone-aware datetime")
-        return {"due": value.isoformat()}
-    if isinstance(value, timedelta):
-        return {"delay_ms": value.total_seconds() * 1000}
-    if (_is_int(value) or isinstance(value, float)) and math.isfinite(value):
-        return {"delay_ms": float(value) * 1000}
-    raise InvalidJobError("due must be a datetime, a timedelta or a number of seconds")
-
-
-def _cron_schedule(key: str, value: Any) -> dict[str, Any]:
-    if not isinstance(value, str):
-        raise InvalidJobError("cron_schedule must be a string")
-    try:
-        return {key: cron.validate(value)}
-    except ValueError as exc:
-        raise InvalidJobError(str(exc)) from None
-
-
-def _max_attempts(key: str, value: Any) -> dict[str, Any]:
-    if not _is_int(value) or value < 1:
-        raise InvalidJobError("max_attempts must be an integer >= 1 (or None: unlimited)")
-    return {key: value}
-
-
-def _backoff(key: str, value: Any) -> dict[str, Any]:
-    if value not in backoff_rules.BACKOFFS:
-        raise InvalidJobError(f"backoff must be one of {', '.join(backoff_rules.BACKOFFS)}")
-    return {key: value}
-
-
-def _priority(key: str, value: Any) -> dict[str, Any]:
-    if not _is_int(value) or abs(value) > MAX_PRIORITY:
-        raise InvalidJobError(f"priority must be an integer from -{MAX_PRIORITY} to {MAX_PRIORITY}")
-    return {key: value}
-
-
-def _on_tag_conflict(key: str, value: Any) -> dict[str, Any]:
-    if value not in TAG_CONFLICT_MODES:
-        raise InvalidJobError(
-            "on_tag_conflict must be 'replace' (cancel the pending job of the tag, the default) "
-            "or 'keep' (keep the pending or running job of the tag and insert nothing)"
-        )
-    return {key: value}
-
-
-def _timeout(key: str, value: Any) -> dict[str, Any]:
-    if not (_is_int(value) or isinstance(value, float)) or not value > 0:
-        raise InvalidJobError("timeout_seconds must be a number > 0")
-    return {key: float(value)}
-
-
-#: How each optional field is checked (``None`` means "not given"), in the order reported.
-_OPTIONAL_FIELDS: dict[str, Callable[[str, Any], dict[str, Any]]] = {
-    "tag": _text,
-    "user_id": _count,
-    "auto_reschedule_on_failure_delay": _count,
-    "remove_delay": _count,
-    "auto_reschedule_on_failure": _flag,
-    "persistent": _flag,
-    "due": _due,
-    "cron_schedule": _cron_schedule,
-    "max_attempts": _max_attempts,
-    "backoff": _backoff,
-    "timeout_seconds": _timeout,
-    "queue": _text,
-    "priority": _priority,
-    "concurrency_key": _text,
-    "on_tag_conflict": _on_tag_conflict,
-}
-
 
 #: Parameters of the single-job ``insert_job`` statement.
 _SINGLE_PARAMS = (*USER_FIELDS, "delay_ms")
@@ -316,6 +170,66 @@ class Queue:
     async def list_queues(self) -> list[QueueInfo]:
         """Every queue with settings or unfinished jobs: settings, depth, running jobs."""
         return await self._run(queues.list_queues, idempotent=True)
+
+    async def dead_jobs(
+        self,
+        *,
+        type: str | None = None,
+        queue: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 100,
+    ) -> list[Job]:
+        """Dead jobs (failed for good, see ``Job.dead_at``), the latest death first, at most
+        ``limit`` (1 to :data:`MAX_DEAD_LIST`). Filters (``None``: any): ``type``, ``queue``,
+        the result's ``error_type``, and when they died (``since`` included, ``until`` not;
+        aware datetimes). Raises :class:`InvalidJobError` for a bad filter or limit."""
+        filters = dead_filters(type, queue, error_type, since, until)
+        checked = check_limit(limit, MAX_DEAD_LIST)
+        return await self._run(lambda raw: store.dead_jobs(raw, filters, checked), idempotent=True)
+
+    async def retry_job(self, job_id: int) -> Job | None:
+        """Redrive a dead job: a new attempt, due now, copying its fields, linked to it by
+        ``rescheduled_from_job``, with ``attempt + 1`` and a fresh retry budget (its
+        ``max_attempts`` grows by the attempts spent); the dead row stops being dead. Returns
+        the new attempt, or ``None`` when the job is not dead (not found, not failed for good,
+        redriven already) or another unfinished job has its tag. A call cut off after it was
+        sent raises :class:`~qdworker.errors.OutcomeUnknownError`; calling again never makes
+        a second attempt (it returns ``None`` if the first call went through)."""
+
+        def call(raw: Raw) -> Job | None:
+            with raw.transaction():
+                new_id = store.retry_job(raw, job_id)
+                return None if new_id is None else store.get_job(raw, new_id)
+
+        return await self._run(call)
+
+    async def retry_dead(
+        self,
+        *,
+        type: str | None = None,
+        queue: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[Job]:
+        """Redrive up to ``limit`` (1 to :data:`MAX_RETRY_DEAD`) dead jobs matching the
+        filters of :meth:`dead_jobs`, the oldest death first, each as :meth:`retry_job` does,
+        in one transaction; returns the new attempts in id order. Dead jobs another unfinished
+        job's tag supersedes stay dead; rows another transaction holds are left for later.
+        Raises :class:`InvalidJobError` for a bad filter or limit, and, like
+        :meth:`retry_job`, :class:`~qdworker.errors.OutcomeUnknownError` when cut off."""
+        filters = dead_filters(type, queue, error_type, since, until)
+        checked = check_limit(limit, MAX_RETRY_DEAD)
+
+        def call(raw: Raw) -> list[Job]:
+            with raw.transaction():
+                pairs = store.retry_dead(raw, filters, checked)
+                return store.get_jobs(raw, (new for _, new in pairs if new is not None))
+
+        return await self._run(call)
 
     async def _run(self, fn: Callable[[Raw], T], *, idempotent: bool = False) -> T:
         if self._link is None:

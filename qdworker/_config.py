@@ -240,6 +240,11 @@ class Config:
         "seconds a due job waits for a live worker that knows its type before it fails "
         "with UnknownJobType",
     )
+    dead_job_retention: float = setting(
+        "QDWORKER_DEAD_JOB_RETENTION", _non_negative_float, 0.0,
+        "seconds cleanup keeps a dead job after it died, even past its remove_at "
+        "(0 = removed like every other finished job)",
+    )
     ws_enabled: bool = setting("QDWORKER_WS", _bool, True, "run the websocket server")
     ws_host: str = setting("QDWORKER_WS_HOST", _text, "127.0.0.1", "websocket server address")
     ws_port: int = setting(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-JobStatus = Literal["pending", "running", "succeeded", "failed"]
+JobStatus = Literal["pending", "running", "succeeded", "failed", "dead"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,9 @@ class Job:
     ``on_tag_conflict`` is the tag rule it was inserted under: ``'replace'`` (it cancelled the
     pending job of its tag: QuickDapp's rule) or ``'keep'`` (inserted only if its tag had no
     pending or running job; its retries and cron ticks copy it but are never skipped).
+    worker counts as one). ``claims`` is the fencing token of the current run. ``dead_at`` is
+    when the run failed for good (failed, not cancelled, no retry or cron tick scheduled);
+    ``None`` if it did not, or once it was redriven.
     """
 
     id: int
@@ -53,11 +56,16 @@ class Job:
     priority: int
     concurrency_key: str | None
     on_tag_conflict: str
+    dead_at: datetime | None
 
     @property
     def status(self) -> JobStatus:
+        """``dead``: failed for good (see ``dead_at``); ``failed``: a failure that was retried,
+        redriven or cancelled."""
         if self.finished is not None:
-            return "succeeded" if self.success else "failed"
+            if self.success:
+                return "succeeded"
+            return "dead" if self.dead_at is not None else "failed"
         return "pending" if self.started is None else "running"
 
 

@@ -11,7 +11,7 @@
     │   └── MigrationError             the schema could not be brought up to date
     ├── ClaimLostError                 a job's run no longer holds its claim (fencing)
     ├── EmbeddedDatabaseError          the embedded Postgres could not start or be reached
-    ├── InvalidJobError (ValueError)   submit_job() input rejected before anything is written
+    ├── InvalidJobError (ValueError)   API input (a job, a filter) rejected before anything runs
     ├── InvalidQueueError (ValueError) queue settings rejected before anything is written
     ├── JobTypeError                   two handlers for one job type, or a bad @job() use
     └── TokenError                     a websocket token is expired, forged or malformed (.code)
@@ -81,7 +81,8 @@ class EmbeddedDatabaseError(QdworkerError):
 
 
 class InvalidJobError(QdworkerError, ValueError):
-    """A job submitted through the API is invalid; nothing was written."""
+    """A job submitted through the API, or a filter or limit given to it (dead-job listing
+    and redrive), is invalid; nothing was written."""
 
 
 class InvalidQueueError(QdworkerError, ValueError):

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -134,7 +135,7 @@ def test_help_lists_every_setting_with_its_env_name(tmp_path: Path) -> None:
             assert setting.flag in text and f"Env {setting.env}" in text, setting.env
         else:  # secrets: environment only, never a flag that `ps` would show
             assert setting.flag not in text and setting.env in text, setting.env
-    for command in ("run", "migrate", "db", "cancel", "status"):
+    for command in ("run", "migrate", "db", "cancel", "status", "jobs", "retry"):
         assert command in text
 
 
@@ -168,6 +169,90 @@ def test_cancel_and_status(db_url: str, sql: psycopg.Connection, tmp_path: Path)
     assert (missing.returncode, missing.stdout.strip()) == (1, "not_found")
     status = qdworker("status", env=env)
     assert re.search(r"^cancelled\s+1$", status.stdout, re.MULTILINE), status.stdout
+
+
+DEAD = """INSERT INTO worker_jobs (type, queue, started, finished, success, dead_at, result)
+VALUES (%s, %s, now() - %s, now() - %s, false, now() - %s,
+        jsonb_build_object('error', %s::text, 'error_type', %s::text)) RETURNING id"""
+
+
+def _dead_rows(sql: psycopg.Connection) -> list[int]:
+    """Three dead jobs: boom/default 3 h ago, boom/emails 1 h ago, other/default 10 min ago
+    (with a long message over two lines)."""
+    made = []
+    for job_type, queue, ago, error, error_type in (
+        ("boom", "default", timedelta(hours=3), "kaboom", "ValueError"),
+        ("boom", "emails", timedelta(hours=1), "bad address", "ValueError"),
+        ("other", "default", timedelta(minutes=10), "slow\n" + "x" * 200, "JobTimeout"),
+    ):
+        row = sql.execute(DEAD, (job_type, queue, ago, ago, ago, error, error_type)).fetchone()
+        assert row is not None
+        made.append(int(row["id"]))
+    return made
+
+
+def _listed(result: subprocess.CompletedProcess[str]) -> list[int]:
+    assert result.returncode == 0, result.stderr
+    return [int(line.split()[0]) for line in result.stdout.splitlines()[1:-1]]  # header, footer
+
+
+def test_dead_jobs_are_listed_with_filters(
+    db_url: str, sql: psycopg.Connection, tmp_path: Path
+) -> None:
+    old, emails, other = _dead_rows(sql)
+    env = env_for(db_url, tmp_path)
+    listing = qdworker("jobs", "--dead", env=env)
+    assert _listed(listing) == [other, emails, old]
+    header, *rows, footer = listing.stdout.splitlines()
+    assert header.split()[:5] == ["id", "type", "queue", "attempt", "dead"]
+    assert footer == "3 dead job(s)"
+    assert "slow x" in rows[0] and rows[0].endswith("…") and len(rows[0]) < 200
+    assert re.search(rf"^{emails}\s+boom\s+emails\s+1\s+\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d"
+                     r"\s+ValueError\s+bad address$", rows[1]), rows[1]  # fmt: skip
+    until = (datetime.now(UTC) - timedelta(hours=2)).isoformat()
+    for args, expected in (
+        (["--type", "boom"], [emails, old]),
+        (["--queue", "emails"], [emails]),
+        (["--error-type", "JobTimeout"], [other]),
+        (["--since", "2h"], [other, emails]),
+        (["--until", until], [old]),
+        (["--since", "2h", "--until", "30m"], [emails]),
+    ):
+        assert _listed(qdworker("jobs", "--dead", *args, env=env)) == expected, args
+    limited = qdworker("jobs", "--dead", "--limit", "1", env=env)
+    assert _listed(limited) == [other] and "more may match" in limited.stdout
+    assert qdworker("jobs", "--dead", "--type", "none", env=env).stdout == "no dead jobs\n"
+    for bad in (["--since", "yesterday"], ["--limit", "0"], ["--type", ""], []):
+        refused = qdworker("jobs", *(["--dead"] if bad else []), *bad, env=env)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, bad
+
+
+def test_dead_jobs_are_redriven_by_id_and_by_filter(
+    db_url: str, sql: psycopg.Connection, tmp_path: Path
+) -> None:
+    old, emails, other = _dead_rows(sql)
+    env = env_for(db_url, tmp_path)
+    status = qdworker("status", env=env)
+    assert re.search(r"^dead\s+3$", status.stdout, re.MULTILINE), status.stdout
+    one = qdworker("retry", str(old), env=env)
+    assert one.returncode == 0, one.stderr
+    [line, summary] = one.stdout.splitlines()
+    new = int(line.split(" -> ")[1])
+    assert (line, summary) == (f"{old} -> {new}", "redriven 1, skipped 0")
+    again = qdworker("retry", str(old), str(emails), env=env)
+    assert again.returncode == 1
+    assert again.stdout.splitlines()[0] == f"{old} skipped"
+    assert again.stdout.splitlines()[2].startswith("redriven 1, skipped 1 (not dead")
+    bulk = qdworker("retry", "--dead", "--error-type", "JobTimeout", "--limit", "5", env=env)
+    assert bulk.returncode == 0, bulk.stderr
+    assert re.fullmatch(rf"{other} -> \d+\nredriven 1, skipped 0\n", bulk.stdout), bulk.stdout
+    row = sql.execute("SELECT count(*) AS n FROM worker_jobs WHERE dead_at IS NOT NULL")
+    assert row.fetchone() == {"n": 0}
+    links = sql.execute("SELECT rescheduled_from_job AS f FROM worker_jobs WHERE id > %s", (other,))
+    assert sorted(r["f"] for r in links) == sorted([old, emails, other])
+    for bad in ([], ["1", "--dead"], ["1", "--type", "boom"]):
+        refused = qdworker("retry", *bad, env=env)
+        assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, bad
 
 
 def test_db_url_prints_database_url_or_explains(db_url: str, tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from qdworker import InvalidJobError, Job, Queue
-from qdworker import _client as client
+from qdworker import _fields as fields
 from qdworker._model import USER_FIELDS
 
 
@@ -139,4 +139,4 @@ async def test_invalid_input_is_rejected_before_writing(
 
 def test_every_user_field_is_checked() -> None:
     """A column added to USER_FIELDS without a check would be silently dropped."""
-    assert {"type", "data", *client._OPTIONAL_FIELDS} == set(USER_FIELDS)
+    assert {"type", "data", *fields._OPTIONAL_FIELDS} == set(USER_FIELDS)

@@ -117,7 +117,7 @@ def test_status_counts_jobs_replaced_by_the_tag_rule_as_cancelled(db_url: str) -
     counts = dict(line.split() for line in result.stdout.splitlines()[1:])
     assert counts == {
         "running": "0", "due": "1", "scheduled": "0", "succeeded": "0", "cancelled": "1",
-        "failed": "1", "total": "3",
+        "failed": "1", "dead": "0", "total": "3",
     }, result.stdout  # fmt: skip
 
 

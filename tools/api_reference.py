@@ -63,7 +63,12 @@ def _signature(obj: object) -> str:
     ]
     text = str(signature.replace(parameters=params, return_annotation=inspect.Signature.empty))
     parts = []
-    for piece, param in zip(text[1:-1].split(", "), signature.parameters.values(), strict=False):
+    remaining = iter(signature.parameters.values())
+    for piece in text[1:-1].split(", ") if len(text) > 2 else []:
+        if piece in ("*", "/"):  # markers, not parameters
+            parts.append(piece)
+            continue
+        param = next(remaining)
         if param.annotation is not inspect.Parameter.empty:
             piece += f": {_annotation(param.annotation)}"
         if param.default is not inspect.Parameter.empty:

@@ -17,7 +17,7 @@ LAYERS: dict[str, int] = {
     "redact": 0, "net": 0, "errors": 0, "model": 0, "version": 0,
     "config": 1, "logs": 1, "registry": 1, "schedule": 1, "protocol": 1,
     "db": 2, "devdb": 2,
-    "client": 3, "queues": 3,
+    "client": 3, "queues": 3, "fields": 2,
     "jobs": 4, "web3": 4,
     "worker": 5, "events": 5,
     "supervisor": 6, "http": 6,

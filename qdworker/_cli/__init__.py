@@ -10,6 +10,10 @@ Subcommands (``run`` when none is given)::
     status                 jobs by status
     queue ACTION           queues: list; pause / resume / reset NAME; set NAME --concurrency N
                            --key-concurrency N --rate N/PERIOD --fair --weight KEY=W
+    jobs --dead [FILTERS]  dead jobs (failed for good), the latest death first
+    retry ID [ID ...]      redrive dead jobs; prints old id -> new id, and what was skipped
+    retry --dead [FILTERS] redrive the dead jobs matching FILTERS (--type, --queue,
+                           --error-type, --since, --until, --limit)
     token --user N         mint a websocket token
     bench                  qdworker's own benchmark
 
@@ -37,7 +41,7 @@ from .. import _logs as logs
 from .._benchmark.cli import COMMAND as BENCH
 from .._logs import module_logger
 from ..errors import ConfigError, QdworkerError
-from . import _db, _jobs, _queue, _run, _token
+from . import _db, _dead, _jobs, _queue, _run, _token
 from ._command import PROG, ArgumentParser, Command, fail, load_config, settings_parser
 
 logger = module_logger(__name__)
@@ -46,16 +50,10 @@ logger = module_logger(__name__)
 COMMANDS: Final[dict[str, Command]] = {
     c.name: c
     for c in (
-        _run.COMMAND,
-        _db.MIGRATE,
-        _db.DB,
-        _jobs.CANCEL,
-        _jobs.STATUS,
-        _queue.COMMAND,
-        _token.COMMAND,
-        BENCH,
+        _run.COMMAND, _db.MIGRATE, _db.DB, _jobs.CANCEL, _jobs.STATUS, _dead.JOBS, _dead.RETRY,
+        _queue.COMMAND, _token.COMMAND, BENCH,
     )
-}
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,7 +45,7 @@ def _status_command(args: argparse.Namespace, config: Config) -> int:
     del args
     rows = trio.run(_status, config)
     counts = {str(row["status"]): int(row["jobs"]) for row in rows}
-    order = ("running", "due", "scheduled", "succeeded", "cancelled", "failed")
+    order = ("running", "due", "scheduled", "succeeded", "cancelled", "failed", "dead")
     width = max(len(s) for s in order)
     print(f"{'status':<{width}}  jobs")
     for status in order:

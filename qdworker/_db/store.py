@@ -366,3 +366,27 @@ def get_job(raw: Raw, job_id: int) -> Job | None:
 
 def cancel_job(raw: Raw, job_id: int, reason: str | None) -> str:
     return str(_one(raw, "cancel_job", {"id": job_id, "reason": reason})["outcome"])
+
+
+def get_jobs(raw: Raw, job_ids: Iterable[int]) -> list[Job]:
+    """The jobs of ``job_ids`` that exist, in id order."""
+    return cast(list[Job], _rows(raw, "get_jobs", {"ids": int_array(job_ids)}, job_row))
+
+
+def dead_jobs(raw: Raw, filters: Mapping[str, Any], limit: int) -> list[Job]:
+    """Dead jobs matching ``filters`` (type, queue, error_type, since, until; None: any), the
+    latest death first, at most ``limit``."""
+    return cast(list[Job], _rows(raw, "dead_jobs", {**filters, "limit": limit}, job_row))
+
+
+def retry_job(raw: Raw, job_id: int) -> int | None:
+    """Redrive dead job ``job_id``; the new attempt's id, or None (see qdworker_retry_job)."""
+    new_id = _one(raw, "retry_job", {"id": job_id})["new_id"]
+    return None if new_id is None else int(new_id)
+
+
+def retry_dead(raw: Raw, filters: Mapping[str, Any], limit: int) -> list[tuple[int, int | None]]:
+    """Redrive up to ``limit`` dead jobs matching ``filters`` (as :func:`dead_jobs`);
+    (dead job id, new attempt id or None when skipped) pairs, oldest death first."""
+    rows = raw.execute(statements.get("retry_dead"), {**filters, "limit": limit}).fetchall()
+    return [(int(r["old_id"]), None if r["new_id"] is None else int(r["new_id"])) for r in rows]

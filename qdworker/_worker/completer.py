@@ -11,7 +11,8 @@ Retry rule (QuickDapp, fixed): a failure with ``auto_reschedule_on_failure`` get
 after ``auto_reschedule_on_failure_delay`` ms (or exponential backoff; never below the floor of
 :mod:`qdworker._schedule.backoff`), copying every user field including ``persistent``, until
 ``max_attempts``; a cron job always gets its next tick (a failure is retried first if the
-retry comes before the tick). A cancelled job gets no successor.
+retry comes before the tick). A cancelled job gets no successor. A failure that gets no
+successor and was not a cancellation is final: its row is marked dead (``dead_at``).
 
 Faults. While the database is away the completer waits for it (its connection is a
 :class:`~qdworker._db.connection.Link`) and outcomes queue up in memory, bounded by what the
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -62,6 +63,22 @@ class _Successor:
     due: datetime | None
     delay_ms: float | None
     attempt: int
+
+
+def _is_dead(outcome: Outcome, successor: _Successor | None) -> bool:
+    """Is this the final failure of its job: failed, not cancelled, no successor? (A run a
+    handler's transaction finished succeeded: its row is not written here.)"""
+    return (
+        not outcome.success
+        and outcome.ending != "cancelled"
+        and not outcome.committed
+        and successor is None
+    )
+
+
+def _bool_array(values: Iterable[bool]) -> str:
+    """A Postgres boolean array literal (cheap to build, like :func:`store.int_array`)."""
+    return "{" + ",".join("t" if value else "f" for value in values) + "}"
 
 
 class Completer:
@@ -205,12 +222,15 @@ class Completer:
         """The ``finish`` statement's parameters: ``finishing`` runs with their outcomes,
         ``releasing`` runs to give back."""
         now = self._db_now()
-        successors = [s for run, o in finishing if (s := self._successor(run, o, now)) is not None]
+        planned = [self._successor(run, o, now) for run, o in finishing]
+        successors = [s for s in planned if s is not None]
+        dead = (_is_dead(o, s) for (_, o), s in zip(finishing, planned, strict=True))
         return {
             "ids": store.int_array(run.job.id for run, _ in finishing),
             "claims": store.int_array(run.job.claims for run, _ in finishing),
-            "success": "{" + ",".join("t" if o.success else "f" for _, o in finishing) + "}",
-            "committed": "{" + ",".join("t" if o.committed else "f" for _, o in finishing) + "}",
+            "success": _bool_array(o.success for _, o in finishing),
+            "committed": _bool_array(o.committed for _, o in finishing),
+            "dead": _bool_array(dead),
             "results": "[" + ",".join(self._final_result(o, run) for run, o in finishing) + "]",
             "successors": json.dumps(
                 [

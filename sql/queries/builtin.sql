@@ -16,10 +16,14 @@ SELECT %(tag)s, %(type)s, 0, '{}'::jsonb, %(due)s, %(cron_schedule)s, true, %(re
 RETURNING id
 
 -- name: remove_old_jobs
--- One bounded batch of cleanup: finished, non-persistent rows past remove_at.
+-- One bounded batch of cleanup: finished, non-persistent rows past remove_at; dead rows only
+-- once they have been dead for %(dead_retention_seconds)s too (0: like every other row).
+-- Dead rows kept that way are stepped over by each batch: as many as died in that window.
 WITH doomed AS (
     SELECT id FROM worker_jobs
      WHERE finished IS NOT NULL AND NOT persistent AND remove_at < now()
+       AND (dead_at IS NULL
+            OR dead_at <= now() - %(dead_retention_seconds)s * interval '1 second')
      ORDER BY remove_at
      LIMIT %(batch)s
        FOR UPDATE SKIP LOCKED

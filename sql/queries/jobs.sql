@@ -1,4 +1,4 @@
--- Submitting, reading and cancelling jobs (client API).
+-- Submitting, reading, cancelling and redriving jobs (client API).
 
 -- name: insert_jobs
 -- One round trip for any number of jobs: a JSON array of objects with the user fields
@@ -102,3 +102,32 @@ SELECT * FROM worker_jobs WHERE id = %(id)s
 
 -- name: cancel_job
 SELECT qdworker_cancel_job(%(id)s, %(reason)s) AS outcome
+
+-- name: get_jobs
+-- Jobs by id, in id order.
+SELECT * FROM worker_jobs WHERE id = ANY(%(ids)s::bigint[]) ORDER BY id
+
+-- name: dead_jobs
+-- Dead jobs (failed for good), the latest death first: filtered (NULL: any) by type, queue,
+-- result->>'error_type' and dead_at in [since, until); at most %(limit)s.
+SELECT * FROM worker_jobs
+ WHERE dead_at IS NOT NULL
+   AND (%(type)s::text IS NULL OR type = %(type)s::text)
+   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+   AND (%(error_type)s::text IS NULL OR result->>'error_type' = %(error_type)s::text)
+   AND dead_at >= coalesce(%(since)s::timestamptz, '-infinity')
+   AND dead_at < coalesce(%(until)s::timestamptz, 'infinity')
+ ORDER BY dead_at DESC, id DESC
+ LIMIT %(limit)s
+
+-- name: retry_job
+-- Redrive one dead job (see qdworker_retry_job): the new attempt's id, or NULL.
+SELECT qdworker_retry_job(%(id)s) AS new_id
+
+-- name: retry_dead
+-- Redrive up to %(limit)s dead jobs matching the filters (see qdworker_retry_dead).
+SELECT old_id, new_id
+  FROM qdworker_retry_dead(job_type => %(type)s::text, queue => %(queue)s::text,
+                           error_type => %(error_type)s::text,
+                           since => %(since)s::timestamptz, until => %(until)s::timestamptz,
+                           max_jobs => %(limit)s::integer)

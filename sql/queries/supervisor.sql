@@ -17,10 +17,11 @@ SELECT count(*) AS n,
 
 -- name: job_status_counts
 -- Jobs by status for `qdworker status`: running (live lease), due (claimable now), scheduled
--- (due later), succeeded, cancelled, failed.
+-- (due later), succeeded, cancelled, failed (and retried or redriven), dead (failed for good).
 SELECT status, count(*) AS jobs
   FROM (SELECT CASE
                  WHEN finished IS NOT NULL AND success THEN 'succeeded'
+                 WHEN finished IS NOT NULL AND dead_at IS NOT NULL THEN 'dead'
                  WHEN finished IS NOT NULL AND cancel_requested_at IS NOT NULL THEN 'cancelled'
                  WHEN finished IS NOT NULL THEN 'failed'
                  WHEN lease_owner IS NOT NULL AND lease_expires_at > now() THEN 'running'
@@ -30,7 +31,8 @@ SELECT status, count(*) AS jobs
           FROM worker_jobs) AS s
  GROUP BY status
  ORDER BY array_position(
-            ARRAY['running', 'due', 'scheduled', 'succeeded', 'cancelled', 'failed'], status)
+            ARRAY['running', 'due', 'scheduled', 'succeeded', 'cancelled', 'failed', 'dead'],
+            status)
 
 -- name: unknown_types
 -- Job types that no live worker runs, when some worker is alive to judge (a stopped fleet
@@ -48,7 +50,7 @@ SELECT t.type,
 -- name: fail_unknown_type
 -- Fail up to %(batch)s pending jobs of %(type)s that are due and have waited longer than
 -- %(limit_seconds)s since they were due or a worker running the type was last seen. Not
--- retried: no worker would run the retry either.
+-- retried (no worker would run the retry either): they are dead.
 WITH doomed AS (
     SELECT id FROM worker_jobs
      WHERE started IS NULL AND finished IS NULL AND type = %(type)s
@@ -58,7 +60,7 @@ WITH doomed AS (
        FOR UPDATE SKIP LOCKED
 )
 UPDATE worker_jobs AS j
-   SET finished = now(), success = false, updated_at = now(),
+   SET finished = now(), success = false, updated_at = now(), dead_at = now(),
        result = jsonb_build_object(
            'error', format('no live worker runs job type %%s: it waited more than %%s s; '
                            'add its module to QDWORKER_JOBS', j.type, %(limit_seconds)s),

@@ -148,19 +148,21 @@ SELECT count(*) AS n,
 -- other workers if any were released. Rows this run finished already count as done: those a
 -- handler's transaction finished, and, when %(again)s (the batch is written again because the
 -- answer to the first attempt was lost), any. Finishing a job of a limited queue wakes the
--- workers (its slot is free).
+-- workers (its slot is free). Rows whose failure is final (%(dead)s: failed, not
+-- cancelled, no successor) get dead_at.
 -- Returns one row of arrays.
 WITH outcome AS (
     -- Arrays as text literals and results as one JSON array: cheap to build in Python.
     SELECT * FROM ROWS FROM (unnest(%(ids)s::bigint[]), unnest(%(claims)s::integer[]),
                              unnest(%(success)s::boolean[]),
-                             unnest(%(committed)s::boolean[]),
+                             unnest(%(committed)s::boolean[]), unnest(%(dead)s::boolean[]),
                              jsonb_array_elements(%(results)s::jsonb))
-           AS o(id, claims, success, committed, result)
+           AS o(id, claims, success, committed, dead, result)
 ), done AS (
     UPDATE worker_jobs AS j
        SET finished = now(), success = o.success, result = nullif(o.result, 'null'::jsonb),
-           lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+           lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+           dead_at = CASE WHEN o.dead THEN now() END
       FROM outcome AS o
      WHERE j.id = o.id AND j.claims = o.claims AND j.finished IS NULL AND NOT o.committed
     RETURNING j.*
@@ -225,10 +227,12 @@ WITH released AS (
 SELECT count(*) AS n, pg_notify('qdworker_jobs', 'release') FROM released
 
 -- name: complete
--- Finish runs without successors (the stuck-worker watchdog; fence tests).
+-- Finish runs without successors (the stuck-worker watchdog; fence tests): a failure is final,
+-- so the row is dead.
 UPDATE worker_jobs AS j
    SET finished = now(), success = o.success, result = o.result::jsonb,
-       lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
+       lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+       dead_at = CASE WHEN NOT o.success THEN now() END
   FROM unnest(%(ids)s::bigint[], %(claims)s::integer[], %(success)s::boolean[],
               %(results)s::text[]) AS o(id, claims, success, result)
  WHERE j.id = o.id AND j.claims = o.claims AND j.finished IS NULL

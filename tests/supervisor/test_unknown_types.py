@@ -82,6 +82,7 @@ def test_unknown_type_with_instant_retries_fails_once_and_is_not_retried(
         assert stop(supervisor) == 0
     assert row["success"] is False and row["started"] is None  # no worker ever claimed it
     assert row["result"]["error_type"] == "UnknownJobType"
+    assert row["dead_at"] == row["finished"]  # never retried: dead
     assert f"no live worker runs job type {UNKNOWN}" in row["result"]["error"]
     assert row["finished"] - row["due"] >= timedelta(seconds=1)  # it waited the limit
     # Exactly one row: no retry, although the job asks for instant ones.
