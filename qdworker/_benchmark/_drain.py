@@ -41,7 +41,7 @@ async def drain(run: Run, n: int, worker_count: int) -> Figure:
     settings: dict[str, str] = {}
     if worker_count != run.defaults.worker_count:
         settings["WORKER_COUNT"] = str(worker_count)
-    cold = await _cold_drain(run, url, f"drain-{worker_count}", settings)
+    cold = await cold_drain(run, url, f"drain-{worker_count}", settings)
     win = await window(url, exclude_warmup=False)
     figure = Figure(
         "drain",
@@ -49,14 +49,14 @@ async def drain(run: Run, n: int, worker_count: int) -> Figure:
         win.seconds,
         n / win.seconds,
         settings=run.settings(worker_count=worker_count),
-        extra=_extra(n, insert_s, cold, win),
+        extra=drain_extra(n, insert_s, cold, win),
     )
     failed = [f"{win.failed} jobs failed"] if win.failed else []
     figure.add_notes([*win.claim_notes(), *failed, *exit_notes(cold.status)])
     return figure
 
 
-async def _cold_drain(run: Run, url: str, name: str, settings: dict[str, str]) -> _Cold:
+async def cold_drain(run: Run, url: str, name: str, settings: dict[str, str]) -> _Cold:
     """Start a supervisor on the full queue, wait until it is empty, read the CPU used, stop."""
     sup = run.supervisor(name, **settings)
     pg0 = procs.snapshot(run.db.pg_pids())
@@ -73,7 +73,7 @@ async def _cold_drain(run: Run, url: str, name: str, settings: dict[str, str]) -
     return _Cold(sup.launched, seen, worker_cpu, sup_cpu, pg_cpu, rss, status)
 
 
-def _extra(n: int, insert_s: float, cold: _Cold, win: Window) -> dict[str, Any]:
+def drain_extra(n: int, insert_s: float, cold: _Cold, win: Window) -> dict[str, Any]:
     return {
         "startup_s": rounded(win.first_started - cold.launched, 3),
         "first_handler_after_claim_ms": rounded((win.first_handler - win.first_started) * 1000, 2),

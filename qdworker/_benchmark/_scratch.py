@@ -114,13 +114,24 @@ async def aquery(url: str, sql: str, params: Any = None) -> list[tuple[Any, ...]
     return await trio.to_thread.run_sync(query, url, sql, params)
 
 
-def noop_jobs(n: int) -> list[dict[str, Any]]:
-    return [{"type": NOOP} for _ in range(n)]
+def noop_jobs(n: int, **fields: Any) -> list[dict[str, Any]]:
+    """``n`` no-op jobs with ``fields``; a ``concurrency_key`` of ``"k"`` spreads them over
+    :data:`KEYS` keys."""
+    keys = fields.pop("concurrency_key", None)
+    jobs = [{"type": NOOP, **fields} for _ in range(n)]
+    if keys is not None:
+        for i, job in enumerate(jobs):
+            job["concurrency_key"] = f"{keys}{i % KEYS}"
+    return jobs
 
 
-async def submit_noops(url: str, n: int) -> float:
-    """One ``submit_jobs`` of ``n`` no-op jobs; the seconds it took."""
-    jobs = noop_jobs(n)
+#: How many concurrency keys :func:`noop_jobs` spreads keyed jobs over.
+KEYS = 100
+
+
+async def submit_noops(url: str, n: int, **fields: Any) -> float:
+    """One ``submit_jobs`` of ``n`` no-op jobs (with ``fields``); the seconds it took."""
+    jobs = noop_jobs(n, **fields)
     async with Queue(url) as queue:
         t0 = time.perf_counter()
         await queue.submit_jobs(jobs)

@@ -18,9 +18,10 @@ every child of the postmaster (backends and background writers) alive at the end
 
 One module per workload says what it measures and how: :mod:`._drain`, :mod:`._scaling`,
 :mod:`._enqueue`, :mod:`._enqueue_batch`, :mod:`._wakeup` and :mod:`._steady` (both on
-:mod:`._paced`), :mod:`._cost` and :mod:`._drain_clients` (``--clients K``). Shared: the scratch
-database (:mod:`._scratch`), what a workload is handed (:mod:`._run`), the supervisor and
-``/proc`` (:mod:`.procs`), the figures and their rendering (:mod:`._figures`).
+:mod:`._paced`), :mod:`._cost`, :mod:`._limits` and :mod:`._drain_clients` (``--clients
+K``). Shared: the scratch database (:mod:`._scratch`), what a workload is handed
+(:mod:`._run`), the supervisor and ``/proc`` (:mod:`.procs`), the figures and their rendering
+(:mod:`._figures`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from . import (
     _enqueue,
     _enqueue_batch,
     _figures,
+    _limits,
     _scaling,
     _steady,
     _wakeup,
@@ -45,7 +47,9 @@ from . import (
 from ._figures import Figure, Notes
 from ._run import Run
 
-ALL_WORKLOADS = ("drain", "enqueue", "enqueue_batch", "wakeup", "steady", "scaling", "cost")
+ALL_WORKLOADS = (
+    "drain", "enqueue", "enqueue_batch", "wakeup", "steady", "scaling", "cost", "limits",
+)  # fmt: skip
 
 #: Each figure's notes in the table, by the figure's workload (``drain_clients``: ``--clients``).
 NOTES: dict[str, Notes] = {
@@ -57,6 +61,8 @@ NOTES: dict[str, Notes] = {
     "steady": _steady.notes,
     "cost": _cost.notes,
     "drain_clients": _drain_clients.notes,
+    "limits:concurrency": _limits.notes,
+    "limits:fair": _limits.notes,
 }
 
 
@@ -123,6 +129,10 @@ class Bench:
         if "cost" in w:
             run.say(f"cost: warm drain of {o.n}" + (f" then up to {o.long_n}" if o.long else ""))
             self._emit(await _cost.cost(run, o.n, o.long_n if o.long else None))
+        if "limits" in w:
+            run.say(f"limits: drains of {o.n} in a limited queue (concurrency, fair by key)")
+            for figure in await _limits.limits(run, o.n):
+                self._emit(figure)
         if o.clients:
             run.say(f"drain with {o.clients} websocket clients, N={o.n}")
             self._emit(await _drain_clients.drain_clients(run, o.n, o.clients))

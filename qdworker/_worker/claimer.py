@@ -70,10 +70,10 @@ class Claimer:
         *,
         owner: str,
         types: Sequence[str],
-        queues: Sequence[str] | None,
         lease_seconds: float,
         poll_seconds: float,
         stopping: trio.Event,
+        queues: Sequence[str] | None = None,
     ) -> None:
         self._flow = flow
         self._owner = owner

@@ -38,7 +38,12 @@ CREATE INDEX worker_jobs_queue_pending_idx
 CREATE INDEX worker_jobs_scheduled_idx
     ON worker_jobs (due)
  WHERE started IS NULL AND finished IS NULL AND due > created_at;
--- Running rows by queue and lease: what a limited queue's claim counts and rescues.
+-- Running rows by queue and lease: what a limited queue's claim counts and rescues. It
+-- replaces the index of running rows by lease alone (every claim and every lease renewal
+-- writes an entry into each index of running rows): rescues across queues skip-scan it (one
+-- descent per queue on Postgres 18; older servers read the running rows, as many as the
+-- fleet runs at once).
+DROP INDEX worker_jobs_running_idx;
 CREATE INDEX worker_jobs_queue_running_idx
     ON worker_jobs (queue, lease_expires_at)
  WHERE started IS NOT NULL AND finished IS NULL;

@@ -9,7 +9,7 @@ ALTER TABLE worker_jobs
 
 -- Keep mode looks for an unfinished row of the tag: pending rows through
 -- worker_jobs_pending_tag_idx, running rows through this one. Without it the running half is
--- a walk over every running row (worker_jobs_running_idx, filtered by tag), made under the
+-- a walk over every running row (filtered by tag), made under the
 -- tag's lock and growing with the fleet's concurrency (5,000 running rows: 0.5 ms a check);
 -- with it, one probe (0.01 ms). It costs one small entry per claim, none per insert.
 CREATE INDEX worker_jobs_running_tag_idx ON worker_jobs (tag)

@@ -63,11 +63,18 @@ async def test_token_notifications_reach_the_right_user(
                     if msg["type"] == until:
                         return
 
-            with trio.fail_after(60):
-                while len(got[2]) < 1:  # Alice's send, processed on either supervisor
-                    msg = json.loads(await two.get_message())
+            async def expect(uid: int, ws: Any, count: int) -> None:
+                while len(got[uid]) < count:
+                    msg = json.loads(await ws.get_message())
                     if msg["type"] == "notification_received":
-                        got[2].append(msg["data"])
+                        got[uid].append(msg["data"])
+
+            with trio.fail_after(60):
+                # Processed on either supervisor: one relayed from the other may arrive after
+                # anything sent later on this one, so wait for each, then end with a broadcast
+                # that shows nothing more came.
+                await expect(2, two, 1)  # Alice's send
+                await expect(1, one, 2)  # the token's creation, the transfer to Alice
                 with psycopg.connect(db_url, autocommit=True) as conn:
                     conn.execute("""SELECT qdworker_broadcast('{"type": "end", "data": {}}')""")
                 await collect(1, one, "end")
