@@ -52,6 +52,10 @@ ERROR_PAUSE_SECONDS: Final = 1.0
 #: a full claim looks again from the start (jobs released or due earlier, or of a higher
 #: priority) and rescues lost runs.
 FULL_CLAIM_SECONDS: Final = 1.0
+#: Runs lost with their worker (lease expired) are looked for at most this often while claims
+#: follow one another, and at once after a timed wake-up (a lease may have expired) or a
+#: release NOTIFY (a supervisor ended a dead worker's leases). Looking reads the running rows.
+RESCUE_SECONDS: Final = 1.0
 #: A claim or renewal lets the worker act on a job for this part of a lease (measured from
 #: when the statement was sent): the rest is margin for clock rates and delays, so the worker
 #: stops before any other worker may rescue the job.
@@ -84,6 +88,7 @@ class Claimer:
         self._stopping = stopping
         self._link = Link(url, "claim", options, on_connect=self._connected)
         self._rescue_after = 0.0  # monotonic time from which expired leases may be rescued
+        self._next_rescue = 0.0  # monotonic time from which to look for lost runs again
         self._pause_until = 0.0  # monotonic time from which claiming may resume (failover)
         self._cursors: dict[str, tuple[datetime, int]] = {}  # see store.Cursors
         self._next_full_claim = 0.0
@@ -93,6 +98,10 @@ class Claimer:
         self.clock_offset = 0.0  # database clock - local clock, seconds
         self.backlog = False  # the last claim got all it asked for: probably more to come
         self.claimed = 0
+
+    def release_heard(self) -> None:
+        """Leases were ended or runs given back: look for lost runs in the next claim."""
+        self._next_rescue = 0.0
 
     def queues_changed(self) -> None:
         """Queue settings changed (or may have): read them again before the next claim."""
@@ -135,7 +144,9 @@ class Claimer:
                     continue
                 wait = await self._round(room)
                 if wait is not None:
-                    await self._flow.wake.wait_until(trio.current_time() + wait)
+                    woken = await self._flow.wake.wait_until(trio.current_time() + wait)
+                    if not woken:  # timed: a lease expiry may be what was waited for
+                        self._next_rescue = 0.0
 
     async def _round(self, room: int) -> float | None:
         """One claim (and, when drained, the next wake-up); returns how long to sleep, or
@@ -176,7 +187,7 @@ class Claimer:
     async def _claim(self, conn: Connection, room: int) -> list[Run]:
         sent = time.monotonic()
         self._flow.want_room = False
-        rescue = sent >= self._rescue_after
+        rescue = sent >= self._rescue_after and sent >= self._next_rescue
         claimed: list[store.Claimed] = []
         limited_full = False
         if await self._serves_limited(conn, sent):
@@ -192,6 +203,8 @@ class Claimer:
                 room -= len(claimed)
         if room > 0:
             claimed += await self._claim_unlimited(conn, room, sent, rescue)
+        if rescue:
+            self._next_rescue = sent + RESCUE_SECONDS
         else:
             self.backlog = True
         self._flow.want_room = self.backlog or limited_full

@@ -154,6 +154,8 @@ class Worker:
             elif item.channel == CANCEL_CHANNEL:
                 self._cancel_notification(item.payload)
             else:
+                if item.payload == "release":
+                    self.claimer.release_heard()
                 self.flow.wake.set()
 
     def _cancel_notification(self, payload: str) -> None:
