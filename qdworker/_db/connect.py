@@ -28,6 +28,7 @@ import math
 import random
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -93,7 +94,11 @@ class DbOptions:
         """How long the client waits for any answer before it gives the connection up."""
         return self.timeout_seconds + 2.0
 
-    def libpq_settings(self, *, statement_timeout: bool) -> dict[str, Any]:
+    def libpq_settings(
+        self, *, statement_timeout: bool, server_settings: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """libpq connection parameters; ``server_settings`` are run-time settings of the
+        session (``-c name=value`` startup options), as is the statement timeout."""
         seconds = self.timeout_seconds
         settings: dict[str, Any] = {
             "connect_timeout": max(2, math.ceil(seconds)),
@@ -103,18 +108,29 @@ class DbOptions:
             "keepalives_count": KEEPALIVE_COUNT,
             "tcp_user_timeout": max(1000, int(seconds * 1000)),
         }
+        session = dict(server_settings or {})
         if statement_timeout:
-            settings["options"] = f"-c statement_timeout={int(seconds * 1000)}"
+            session["statement_timeout"] = str(int(seconds * 1000))
+        if session:
+            settings["options"] = " ".join(f"-c {k}={v}" for k, v in session.items())
         return settings
 
 
-def _settings_for(url: str, options: DbOptions, *, statement_timeout: bool) -> dict[str, Any]:
+def _settings_for(
+    url: str,
+    options: DbOptions,
+    *,
+    statement_timeout: bool,
+    server_settings: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """Our defaults for what ``url`` does not set itself (the user's URL wins)."""
     try:
         given = conninfo_to_dict(url)
     except psycopg.ProgrammingError as exc:
         raise DatabaseError(f"invalid database URL {redact(url)!r}: {exc}") from None
-    ours = options.libpq_settings(statement_timeout=statement_timeout)
+    ours = options.libpq_settings(
+        statement_timeout=statement_timeout, server_settings=server_settings
+    )
     if "options" in given and "options" in ours:
         ours["options"] = f"{given['options']} {ours['options']}"
     return {key: value for key, value in ours.items() if key == "options" or key not in given}
@@ -127,9 +143,11 @@ def connect_sync(
     *,
     autocommit: bool = True,
     statement_timeout: bool = True,
+    server_settings: Mapping[str, str] | None = None,
     row_factory: Any = dict_row,
 ) -> psycopg.Connection[Any]:
-    """Open a connection (blocking; run it in a thread from async code).
+    """Open a connection (blocking; run it in a thread from async code). ``server_settings``
+    are session settings (``{"plan_cache_mode": "force_generic_plan"}``).
 
     Raises :class:`~qdworker.errors.DatabaseUnavailableError` or
     :class:`~qdworker.errors.DatabaseError` (see :func:`translate`); the caller owns the
@@ -141,7 +159,9 @@ def connect_sync(
             autocommit=autocommit,
             row_factory=row_factory,
             application_name=f"qdworker-{purpose}",
-            **_settings_for(url, options, statement_timeout=statement_timeout),
+            **_settings_for(
+                url, options, statement_timeout=statement_timeout, server_settings=server_settings
+            ),
         )
     except psycopg.Error as exc:
         raise translate(exc, connecting_to=url) from exc

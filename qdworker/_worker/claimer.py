@@ -37,7 +37,7 @@ import trio
 
 from .._db import store
 from .._db.connect import DbOptions
-from .._db.connection import Connection, Link
+from .._db.connection import GENERIC_PLANS, Connection, Link
 from .._logs import module_logger
 from ..errors import DatabaseError, DatabaseUnavailableError, OutcomeUnknownError
 from .flow import Flow
@@ -86,7 +86,9 @@ class Claimer:
         self._lease = lease_seconds
         self._poll = poll_seconds
         self._stopping = stopping
-        self._link = Link(url, "claim", options, on_connect=self._connected)
+        self._link = Link(
+            url, "claim", options, on_connect=self._connected, server_settings=GENERIC_PLANS
+        )
         self._rescue_after = 0.0  # monotonic time from which expired leases may be rescued
         self._next_rescue = 0.0  # monotonic time from which to look for lost runs again
         self._pause_until = 0.0  # monotonic time from which claiming may resume (failover)
