@@ -27,6 +27,7 @@ from .errors import ConfigError
 LOG_LEVELS: Mapping[str, int] = {"trace": 5, "debug": 10, "info": 20, "warn": 30, "error": 40}
 
 DEFAULT_WS_PORT = 8765
+DEFAULT_HTTP_PORT = 8766
 
 
 def _int_at_least(minimum: int) -> Callable[[str], int]:
@@ -265,6 +266,17 @@ class Config:
     )
     ws_max_connections_per_user: int = setting(
         "SOCKET_MAX_CONNECTIONS_PER_USER", _int_at_least(1), 5, "websocket connections per user",
+    )
+    http_enabled: bool = setting(
+        "QDWORKER_HTTP", _bool, True,
+        "serve the dashboard, /metrics, /healthz and /readyz over HTTP",
+    )
+    http_host: str = setting(
+        "QDWORKER_HTTP_HOST", _text, "127.0.0.1",
+        "HTTP address (not loopback: needs QDWORKER_WS_SECRET, whose tokens it takes)",
+    )
+    http_port: int = setting(
+        "QDWORKER_HTTP_PORT", _port, DEFAULT_HTTP_PORT, "HTTP port (0 = any free port, logged)",
     )
     # fmt: on
 

@@ -103,7 +103,9 @@ def test_three_supervisors_run_each_cron_tick_once(db_url: str) -> None:
 
 
 async def test_five_supervisors_seed_builtin_cron_jobs_once(db_url: str, tmp_path: Path) -> None:
-    config = Config(database_url=db_url, worker_count=0, ws_enabled=False, data_dir=tmp_path)
+    config = Config(
+        http_port=0, database_url=db_url, worker_count=0, ws_enabled=False, data_dir=tmp_path
+    )
     managers = []
     async with trio.open_nursery() as nursery:
 

@@ -71,7 +71,7 @@ async def test_websocket_without_secret_starts_on_every_loopback_spelling(
 ) -> None:
     if ws_host == "[::1]" and not ipv6_loopback():
         pytest.skip("this machine cannot bind the IPv6 loopback address ::1")
-    config = Config(ws_host=ws_host, **no_worker_config)
+    config = Config(http_port=0, ws_host=ws_host, **no_worker_config)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             manager: Manager = await nursery.start(serve, config)
@@ -88,7 +88,7 @@ async def test_websocket_without_secret_starts_on_every_loopback_spelling(
 async def test_websocket_without_secret_on_a_public_address_is_refused(
     no_worker_config: dict[str, Any],
 ) -> None:
-    config = Config(ws_host="0.0.0.0", **no_worker_config)
+    config = Config(http_port=0, ws_host="0.0.0.0", **no_worker_config)
     with pytest.raises(ConfigError) as refused:
         await serve(config)
     assert "QDWORKER_WS_HOST='0.0.0.0' is not a loopback address" in str(refused.value)

@@ -221,13 +221,6 @@ async def connect(
     return Connection(raw, deadline=deadline)
 
 
-#: Session settings of the connections that run the hot path's few statements again and
-#: again (claims, completions): plan each prepared statement once. Left to itself, Postgres
-#: plans the claim afresh on every execution (its first custom plans look cheaper than the
-#: generic one), which costs more than running it (measured: 1,000 vs 540 us a claim).
-GENERIC_PLANS: Final = {"plan_cache_mode": "force_generic_plan"}
-
-
 class Link:
     """A connection that reopens itself; the one reconnect policy.
 

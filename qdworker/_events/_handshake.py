@@ -36,7 +36,7 @@ from .tokens import TOKEN_MALFORMED, Identity, verify
 
 logger = logging.getLogger("qdworker.events.websocket")
 
-DEV_IDENTITY: Final = Identity(user_id=0, admin=True)
+DEV_IDENTITY: Final = Identity(user_id=0, admin=True, viewer=True)
 """Identity of every client when no secret is configured (development)."""
 
 

@@ -4,8 +4,9 @@ QuickDapp signs tokens with ``SESSION_ENCRYPTION_KEY`` (UTF-8 bytes) using
 HS256 and the claims ``{"type": "auth", "userId": <number>, "iat", "iatMs",
 "jti", "exp"}`` (24 h expiry).  A QuickDapp app and qdworker configured with
 the same secret therefore accept each other's tokens.  qdworker adds one
-optional claim, ``"role": "admin"``, which lets the holder see every user's
-messages and job events; QuickDapp ignores it.
+optional claim, ``"role"``: ``"admin"`` lets the holder see every user's messages and job
+events and act on jobs in the dashboard, ``"viewer"`` lets the holder read the dashboard;
+QuickDapp ignores it.
 
 Verification rules (mirroring QuickDapp, plus a mandatory ``exp``):
 
@@ -40,6 +41,7 @@ ALGORITHM: Final = "HS256"
 TOKEN_TYPE: Final = "auth"
 """Value of the ``type`` claim QuickDapp puts in (and requires of) auth tokens."""
 ADMIN_ROLE: Final = "admin"
+VIEWER_ROLE: Final = "viewer"
 CLOCK_SKEW_LEEWAY_SECONDS: Final = 5.0
 MAX_TOKEN_CHARS: Final = 8 * 1024
 """Longer strings are rejected as malformed without being parsed."""
@@ -58,14 +60,19 @@ TOKEN_MALFORMED: Final = "TOKEN_MALFORMED"
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who a verified token belongs to; ``admin`` sees every user's traffic."""
+    """Who a verified token belongs to; ``admin`` sees every user's traffic and may act on
+    jobs; ``viewer`` may read the dashboard (every admin may)."""
 
     user_id: int
     admin: bool = False
+    viewer: bool = False
 
 
-def mint(secret: str, user_id: int, ttl_seconds: float, admin: bool = False) -> str:
-    """Create a QuickDapp-style auth token valid for ``ttl_seconds``.
+def mint(
+    secret: str, user_id: int, ttl_seconds: float, admin: bool = False, *, viewer: bool = False
+) -> str:
+    """Create a QuickDapp-style auth token valid for ``ttl_seconds`` (with the ``admin``
+    role, or else the ``viewer`` role when ``viewer`` is true).
 
     A negative ``ttl_seconds`` yields an already expired token (useful in
     tests).  Raises :class:`ValueError` for an empty secret, a non-positive or
@@ -88,6 +95,8 @@ def mint(secret: str, user_id: int, ttl_seconds: float, admin: bool = False) -> 
     }
     if admin:
         claims["role"] = ADMIN_ROLE
+    elif viewer:
+        claims["role"] = VIEWER_ROLE
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
@@ -126,7 +135,9 @@ def verify(secret: str, token: str) -> Identity:
         user_id = int(user_id)
     if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id <= 0:
         raise TokenError(TOKEN_INVALID, "Invalid token payload")
-    return Identity(user_id=user_id, admin=claims.get("role") == ADMIN_ROLE)
+    role = claims.get("role")
+    admin = role == ADMIN_ROLE
+    return Identity(user_id=user_id, admin=admin, viewer=admin or role == VIEWER_ROLE)
 
 
 def ws_token(user_id: int, ttl_seconds: float = 3600, admin: bool = False) -> str:

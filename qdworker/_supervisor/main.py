@@ -17,7 +17,8 @@ stopped on exit if this process started it) and waited for, at most ``startup_ti
 seconds (:class:`~qdworker.errors.DatabaseUnavailableError` naming the cause; at once for a
 wrong password or a missing database); migrations are applied (unless ``migrate`` is false);
 built-in cron jobs are ensured; the relay to other supervisors, the maintenance round and the
-websocket server (if ``ws_enabled``) start; ``worker_count`` children start; then
+websocket server (if ``ws_enabled``) and the HTTP surface (if ``http_enabled``) start;
+``worker_count`` children start; then
 ``task_status.started(manager)``.
 
 Once running, the supervisor and its workers ride out database outages: they reconnect on
@@ -52,6 +53,8 @@ from .._events import websocket
 from .._events._hub_statistics import HubStatistics
 from .._events.hub import Hub
 from .._events.relay import Relay, RelayStatistics
+from .._http import app as http_app
+from .._http import server as http_server
 from .._logs import module_logger
 from .._model import Job
 from .._net import is_loopback
@@ -100,6 +103,8 @@ class Manager:
         self.url = url
         #: The websocket server's bound port, or ``None`` when it is disabled.
         self.ws_port: int | None = None
+        #: The HTTP server's bound port (dashboard, metrics, probes), or ``None``.
+        self.http_port: int | None = None
         #: The events hub: routes worker events to this supervisor's websocket clients.
         self.hub = hub
         #: Events to and from other supervisors on the same database.
@@ -145,12 +150,16 @@ class Manager:
         """Wait until the supervisor has stopped."""
         await self._stopped.wait()
 
+    def worker_slots(self) -> tuple[ChildStatistics, ...]:
+        """A snapshot of each worker slot (the HTTP surface's view of this supervisor)."""
+        return tuple(child.statistics() for child in self._children)
+
     def statistics(self) -> SupervisorStatistics:
         return SupervisorStatistics(
             database=redact(self.url),
             ws_port=self.ws_port,
             stopping=self._shutdown_requested.is_set(),
-            workers=tuple(child.statistics() for child in self._children),
+            workers=self.worker_slots(),
             hub=self.hub.statistics(),
             relay=self.relay.statistics(),
         )
@@ -162,14 +171,19 @@ class Manager:
 
 
 def check_ws_settings(config: Config) -> None:
-    """Refuse a websocket server without a secret on a non-loopback address
+    """Refuse a websocket or HTTP server without a secret on a non-loopback address
     (:class:`ConfigError`): without ``QDWORKER_WS_SECRET`` every client is an admin."""
-    if config.ws_enabled and config.ws_secret is None and not is_loopback(config.ws_host):
-        raise ConfigError(
-            f"QDWORKER_WS_HOST={config.ws_host!r} is not a loopback address: set "
-            "QDWORKER_WS_SECRET (without it every websocket client is an admin), or bind "
-            "127.0.0.1, or set QDWORKER_WS=false"
-        )
+    if config.ws_secret is not None:
+        return
+    for enabled, name, host, off in (
+        (config.ws_enabled, "QDWORKER_WS_HOST", config.ws_host, "QDWORKER_WS=false"),
+        (config.http_enabled, "QDWORKER_HTTP_HOST", config.http_host, "QDWORKER_HTTP=false"),
+    ):
+        if enabled and not is_loopback(host):
+            raise ConfigError(
+                f"{name}={host!r} is not a loopback address: set QDWORKER_WS_SECRET (without "
+                f"it every client is an admin), or bind 127.0.0.1, or set {off}"
+            )
 
 
 @contextlib.asynccontextmanager
@@ -229,6 +243,21 @@ async def _log_health(manager: Manager, interval: float) -> None:
                 f"restarts={s.restarts})"
             )
         logger.debug("health: %s", " ".join(parts) or "no workers")
+
+
+async def _serve_http(
+    manager: Manager, options: DbOptions, *, task_status: trio.TaskStatus[int]
+) -> None:
+    """The HTTP surface (:mod:`qdworker._http`) until cancelled; ``started(bound_port)``."""
+    state = http_app.HttpState(manager.config, manager.url, options, manager)
+    try:
+        app = http_app.build_app(state)
+        await http_server.serve(
+            app, manager.config.http_host, manager.config.http_port, task_status=task_status
+        )
+    finally:
+        with trio.CancelScope(shield=True):
+            await state.aclose()
 
 
 async def serve(
@@ -330,11 +359,15 @@ async def _run(
         if config.ws_enabled:
             settings = websocket.ServerSettings.from_config(config)
             manager.ws_port = await services.start(websocket.serve, manager.hub, settings)
+        if config.http_enabled:
+            manager.http_port = await services.start(_serve_http, manager, options)
         async with trio.open_nursery() as nursery:
             for child in manager._children:
                 await nursery.start(child.run)
             services.start_soon(_log_health, manager, health_interval)
             ws = f", websocket on {config.ws_host}:{manager.ws_port}" if manager.ws_port else ""
+            if manager.http_port:
+                ws += f", dashboard on http://{config.http_host}:{manager.http_port}/"
             logger.info("supervisor ready: %d worker(s)%s", len(manager._children), ws)
             task_status.started(manager)
             await manager._shutdown_requested.wait()

@@ -36,8 +36,8 @@ from typing import Final
 import trio
 
 from .._db import store
-from .._db.connect import DbOptions
-from .._db.connection import GENERIC_PLANS, Connection, Link
+from .._db.connect import GENERIC_PLANS, DbOptions
+from .._db.connection import Connection, Link
 from .._logs import module_logger
 from ..errors import DatabaseError, DatabaseUnavailableError, OutcomeUnknownError
 from .flow import Flow

@@ -32,7 +32,7 @@ def _importable_test_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @asynccontextmanager
 async def supervisor(db_url: str, tmp_path: Path) -> AsyncIterator[Manager]:
-    config = Config(
+    config = Config(http_port=0,
         database_url=db_url, worker_count=1, ws_port=0, ws_secret=SECRET,
         jobs=("qdtest_jobs",), data_dir=tmp_path, worker_log_level="warn",
     )  # fmt: skip

@@ -24,7 +24,7 @@ DEADLINE_SECONDS = 20.0
 
 
 async def test_manager_submits_jobs_and_shuts_down(db_url: str) -> None:
-    config = Config(database_url=db_url, worker_count=0, ws_enabled=False)
+    config = Config(http_port=0, database_url=db_url, worker_count=0, ws_enabled=False)
     with trio.fail_after(DEADLINE_SECONDS):
         async with trio.open_nursery() as nursery:
             manager: Manager = await nursery.start(serve, config)
@@ -49,7 +49,7 @@ async def test_children_messages_reach_on_message_and_stop_cleanly(db_url: str) 
         if len({w for w, m in seen if "hello" in m.get("message", {})}) == 2:
             both_said_hello.set()
 
-    config = Config(database_url=db_url, worker_count=2, ws_enabled=False)
+    config = Config(http_port=0, database_url=db_url, worker_count=2, ws_enabled=False)
     argv = [sys.executable, str(STANDIN), "ok"]
     with trio.fail_after(DEADLINE_SECONDS):
         async with trio.open_nursery() as nursery:
@@ -69,7 +69,7 @@ async def test_children_messages_reach_on_message_and_stop_cleanly(db_url: str) 
 
 
 async def test_websocket_server_port_is_reported(db_url: str) -> None:
-    config = Config(database_url=db_url, worker_count=0, ws_port=0)
+    config = Config(http_port=0, database_url=db_url, worker_count=0, ws_port=0)
     with trio.fail_after(DEADLINE_SECONDS):
         async with trio.open_nursery() as nursery:
             manager: Manager = await nursery.start(serve, config)
@@ -81,7 +81,7 @@ async def test_websocket_server_port_is_reported(db_url: str) -> None:
 
 
 async def test_public_websocket_without_secret_is_refused(db_url: str) -> None:
-    config = Config(database_url=db_url, worker_count=0, ws_host="0.0.0.0", ws_port=0)
+    config = Config(http_port=0, database_url=db_url, worker_count=0, ws_host="0.0.0.0", ws_port=0)
     async with trio.open_nursery() as nursery:
         with pytest.raises(ConfigError, match="QDWORKER_WS_SECRET"):
             await nursery.start(serve, config)
@@ -100,7 +100,9 @@ def data_dir() -> Iterator[Path]:
 
 
 async def test_embedded_database_is_started_migrated_and_stopped(data_dir: Path) -> None:
-    config = Config(database_url=None, data_dir=data_dir, worker_count=0, ws_enabled=False)
+    config = Config(
+        http_port=0, database_url=None, data_dir=data_dir, worker_count=0, ws_enabled=False
+    )
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             manager: Manager = await nursery.start(serve, config)

@@ -32,6 +32,7 @@ def env_for(db_url: str, **settings: str) -> dict[str, str]:
             "QDWORKER_JOBS": "qdtest_jobs",
             "PYTHONPATH": os.pathsep.join([str(SUPPORT), str(ROOT)]),
             "QDWORKER_WS": "false",
+            "QDWORKER_HTTP_PORT": "0",
             "WORKER_LOG_LEVEL": "info",
             "QDWORKER_POLL_INTERVAL": "5",
         }

@@ -28,7 +28,7 @@ async def test_token_notifications_reach_the_right_user(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     jobs = tuple(env["QDWORKER_JOBS"].split(","))
-    config = Config(
+    config = Config(http_port=0,
         database_url=db_url, worker_count=1, ws_port=0, ws_secret=SECRET, jobs=jobs,
         data_dir=tmp_path, poll_interval=0.5, worker_log_level="warn",
     )  # fmt: skip

@@ -1,0 +1,71 @@
+"""The Starlette app of the supervisor's HTTP surface, assembled from its route modules.
+
+Each route module (``health``, ...) exposes ``routes(state)``; :func:`build_app` joins them.
+:class:`HttpState` is what every handler may use: the settings, the database (a
+:class:`~qdworker._db.connection.Link` of its own, opened on first use and closed by
+:meth:`HttpState.aclose`) and the supervisor, seen through the narrow :class:`SupervisorView`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from starlette.applications import Starlette
+from starlette.routing import BaseRoute
+
+from .._config import Config
+from .._db.connect import DbOptions
+from .._db.connection import Link
+
+
+class WorkerView(Protocol):
+    """One worker slot of this supervisor, as the HTTP surface reads it."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def alive(self) -> bool: ...
+    @property
+    def last_heartbeat(self) -> float | None: ...
+    @property
+    def restarts(self) -> int: ...
+
+
+class SupervisorView(Protocol):
+    """What the HTTP surface reads of the supervisor that serves it."""
+
+    def worker_slots(self) -> Sequence[WorkerView]: ...
+
+
+@dataclass
+class HttpState:
+    """Everything a handler may use. ``secret`` is ``QDWORKER_WS_SECRET`` (``None``: the
+    development mode of :mod:`.auth`)."""
+
+    config: Config
+    url: str
+    options: DbOptions
+    supervisor: SupervisorView
+    link: Link = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.link = Link(self.url, "http", self.options, persistent=False)
+
+    @property
+    def secret(self) -> str | None:
+        return self.config.ws_secret
+
+    async def aclose(self) -> None:
+        await self.link.aclose()
+
+
+def build_app(state: HttpState) -> Starlette:
+    """The app with every route module's routes."""
+    from . import health
+
+    routes: list[BaseRoute] = [*health.routes(state)]
+    return Starlette(routes=routes)
