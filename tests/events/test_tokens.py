@@ -43,7 +43,10 @@ def _code(secret: str, token: object) -> str:
 
 def test_round_trip() -> None:
     assert verify(SECRET, mint(SECRET, 7, 60)) == Identity(user_id=7, admin=False)
-    assert verify(SECRET, mint(SECRET, 7, 60, admin=True)) == Identity(user_id=7, admin=True)
+    admin = Identity(user_id=7, admin=True, viewer=True)
+    assert verify(SECRET, mint(SECRET, 7, 60, admin=True)) == admin
+    viewer = Identity(user_id=7, viewer=True)
+    assert verify(SECRET, mint(SECRET, 7, 60, viewer=True)) == viewer
 
 
 def test_minted_claims_match_quickdapp() -> None:
@@ -102,9 +105,11 @@ def test_malformed(token: object) -> None:
     assert _code(SECRET, token) == TOKEN_MALFORMED
 
 
-def test_role_other_than_admin_is_plain_user() -> None:
+def test_role_other_than_admin_or_viewer_is_plain_user() -> None:
     assert verify(SECRET, _quickdapp_token(role="superuser")) == Identity(user_id=42)
-    assert verify(SECRET, _quickdapp_token(role="admin")) == Identity(user_id=42, admin=True)
+    admin = Identity(user_id=42, admin=True, viewer=True)
+    assert verify(SECRET, _quickdapp_token(role="admin")) == admin
+    assert verify(SECRET, _quickdapp_token(role="viewer")) == Identity(user_id=42, viewer=True)
 
 
 def test_error_never_contains_token() -> None:
