@@ -255,6 +255,11 @@ def child_stream_from_env(env_var: str = DEFAULT_IPC_FD_ENV_VAR) -> trio.SocketS
 
 WORKER_STARTED: Final = "worker-started"
 HEARTBEAT: Final = "heartbeat"
+
+#: Upper bounds (ms) of the pickup-latency histogram (started - due) that workers count and
+#: ``qdworker_throughput.pickup_ms_hist`` stores (one more entry counts what is above).
+PICKUP_BOUNDS_MS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
+                           60000, 300000)  # fmt: skip
 WORKER_SHUTDOWN: Final = "worker-shutdown"
 WORKER_ERROR: Final = "worker-error"
 SEND_TO_USER: Final = "send-to-user"
