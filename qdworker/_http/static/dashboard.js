@@ -5,6 +5,7 @@
 const TOKEN_KEY = "qdworker.token";
 const LIVE_RETRY_MS = [1000, 2000, 5000, 10000];
 const STATES = ["pending", "running", "unfinished", "succeeded", "failed", "dead", "cancelled"];
+const NARROW_HIDDEN = new Set(["Tag", "Error"]);  // columns a phone does without
 const FILTERS = ["state", "type", "queue", "user_id", "tag", "concurrency_key", "text", "since", "until"];
 
 let me = null;          // {user_id, admin, viewer, development}
@@ -21,7 +22,7 @@ function h(tag, attrs, ...children) {
     if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
     else el.setAttribute(key, value === true ? "" : String(value));
   }
-  for (const child of children.flat()) {
+  for (const child of children.flat(Infinity)) {
     if (child === null || child === undefined || child === false) continue;
     el.append(child instanceof Node ? child : String(child));
   }
@@ -48,7 +49,7 @@ function fmtBytes(b) {
 }
 
 function table(caption, headers, rows) {
-  const head = h("tr", {}, headers.map((t) => h("th", { scope: "col", class: /^#|count|jobs|ms|depth|running|due|scheduled|pid|rss|restarts|run|failed|uptime/i.test(t) ? "num" : null }, t)));
+  const head = h("tr", {}, headers.map((t) => h("th", { scope: "col", class: NARROW_HIDDEN.has(t) ? "hide-narrow" : null }, t)));
   const body = rows.length
     ? rows.map((cells) => h("tr", {}, cells.map((c) => (c instanceof Node && c.tagName === "TD" ? c : h("td", {}, c)))))
     : [h("tr", {}, h("td", { colspan: headers.length, class: "muted" }, "Nothing here."))];
