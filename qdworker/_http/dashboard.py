@@ -13,6 +13,7 @@ the first does.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
@@ -76,28 +77,53 @@ def _pickup(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def routes(state: HttpState) -> list[BaseRoute]:
     feed = LiveFeed(state.url, state.options, state.supervisor)
     state.background.append(feed.run)
+    api = _Reads(state, feed)
+    return [
+        Route("/", api.page),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        Route("/api/me", api.me),
+        Route("/api/live", api.live),
+        Route("/api/overview", api.overview),
+        Route("/api/jobs", api.jobs),
+        Route("/api/jobs/count", api.count),
+        Route("/api/jobs/{id:int}", api.job),
+        Route("/api/failures", api.listing("dash_failures", limit=MAX_GROUPS)),
+        Route("/api/cron", api.listing("dash_cron", limit=MAX_GROUPS)),
+        Route("/api/queues", api.listing("list_queues")),
+        Route("/api/workers", api.workers),
+        *_dash_actions.routes(state),
+    ]
 
-    def read(request: Request) -> None:
-        reader(request, state.secret)
 
-    async def page(request: Request) -> Response:
+class _Reads:
+    """The page and the read handlers (each checks :func:`.auth.reader` first)."""
+
+    def __init__(self, state: HttpState, feed: LiveFeed) -> None:
+        self.state = state
+        self.feed = feed
+
+    def _read(self, request: Request) -> None:
+        reader(request, self.state.secret)
+
+    async def page(self, request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html", headers={"cache-control": "no-cache"})
 
-    async def me(request: Request) -> Response:
-        identity = reader(request, state.secret)
-        development = state.secret is None
+    async def me(self, request: Request) -> Response:
+        identity = reader(request, self.state.secret)
+        development = self.state.secret is None
         who = {"user_id": identity.user_id, "admin": identity.admin, "viewer": identity.viewer}
         return json_response({**who, "development": development})
 
-    async def live(request: Request) -> Response:
-        read(request)
-        if not feed.admit():
+    async def live(self, request: Request) -> Response:
+        self._read(request)
+        if not self.feed.admit():
             raise HTTPException(503, "too many live dashboards; try again later")
         headers = {"cache-control": "no-store", "x-accel-buffering": "no"}
-        return StreamingResponse(feed.stream(), media_type="text/event-stream", headers=headers)
+        stream = self.feed.stream()
+        return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
 
-    async def overview(request: Request) -> Response:
-        read(request)
+    async def overview(self, request: Request) -> Response:
+        self._read(request)
         since = datetime.now(UTC) - OVERVIEW_WINDOW
 
         def load(raw: _dash_store.Raw) -> dict[str, Any]:
@@ -110,28 +136,28 @@ def routes(state: HttpState) -> list[BaseRoute]:
                 "workers": _dash_store.named(raw, "dash_workers", hours=WORKER_HOURS),
             }
 
-        return json_response(await db(state, load))
+        return json_response(await db(self.state, load))
 
-    async def jobs(request: Request) -> Response:
-        read(request)
+    async def jobs(self, request: Request) -> Response:
+        self._read(request)
         params = request.query_params
         filters = filters_from(params)
         before = integer(params, "before", 1)
         size = min(integer(params, "size", 1) or PAGE_SIZE, MAX_PAGE_SIZE)
-        rows = await db(state, lambda raw: _dash_store.jobs_page(raw, filters, before, size))
+        rows = await db(self.state, lambda raw: _dash_store.jobs_page(raw, filters, before, size))
         more = len(rows) > size
         rows = rows[:size]
         return json_response({"jobs": rows, "next": rows[-1]["id"] if more else None})
 
-    async def count(request: Request) -> Response:
-        read(request)
+    async def count(self, request: Request) -> Response:
+        self._read(request)
         filters = filters_from(request.query_params)
-        n = await db(state, lambda raw: _dash_store.count(raw, filters))
+        n = await db(self.state, lambda raw: _dash_store.count(raw, filters))
         limit = _dash_store.BULK_LIMIT
         return json_response({"count": min(n, limit), "more": n > limit, "limit": limit})
 
-    async def job(request: Request) -> Response:
-        read(request)
+    async def job(self, request: Request) -> Response:
+        self._read(request)
         job_id = integer(request.path_params, "id", 1)
         assert job_id is not None
 
@@ -139,21 +165,23 @@ def routes(state: HttpState) -> list[BaseRoute]:
             row = _dash_store.job(raw, job_id)
             return None if row is None else {"job": row, "chain": _dash_store.chain(raw, job_id)}
 
-        found = await db(state, load)
+        found = await db(self.state, load)
         if found is None:
             raise HTTPException(404, f"no job {job_id}")
         return json_response(found)
 
-    def listing(name: str, **params: Any) -> Route:
+    def listing(self, name: str, **params: Any) -> Callable[[Request], Awaitable[Response]]:
+        """A handler answering ``{"rows": [...]}`` of the statement ``name``."""
+
         async def handler(request: Request) -> Response:
-            read(request)
-            rows = await db(state, lambda raw: _dash_store.named(raw, name, **params))
+            self._read(request)
+            rows = await db(self.state, lambda raw: _dash_store.named(raw, name, **params))
             return json_response({"rows": rows})
 
-        return Route(f"/api/{name.removeprefix('dash_')}", handler)
+        return handler
 
-    async def workers(request: Request) -> Response:
-        read(request)
+    async def workers(self, request: Request) -> Response:
+        self._read(request)
 
         def load(raw: _dash_store.Raw) -> dict[str, Any]:
             return {
@@ -161,29 +189,4 @@ def routes(state: HttpState) -> list[BaseRoute]:
                 "workers": _dash_store.named(raw, "dash_workers", hours=WORKER_HOURS),
             }
 
-        return json_response(await db(state, load))
-
-    return [
-        Route("/", page),
-        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
-        Route("/api/me", me),
-        Route("/api/live", live),
-        Route("/api/overview", overview),
-        Route("/api/jobs", jobs),
-        Route("/api/jobs/count", count),
-        Route("/api/jobs/{id:int}", job),
-        listing("dash_failures", limit=MAX_GROUPS),
-        listing("dash_cron", limit=MAX_GROUPS),
-        Route("/api/queues", _queues_handler(state)),
-        Route("/api/workers", workers),
-        *_dash_actions.routes(state),
-    ]
-
-
-def _queues_handler(state: HttpState) -> Any:
-    async def queues(request: Request) -> Response:
-        reader(request, state.secret)
-        rows = await db(state, lambda raw: _dash_store.named(raw, "list_queues"))
-        return json_response({"rows": rows})
-
-    return queues
+        return json_response(await db(self.state, load))
