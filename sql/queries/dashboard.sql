@@ -138,9 +138,12 @@ SELECT n.id, n.type, n.tag, n.queue, n.cron_schedule, n.due AS next_due, n.start
        greatest(extract(epoch FROM now() - n.due), 0)::float8 AS lag_seconds,
        p.id AS last_id, p.finished AS last_finished, p.success AS last_success,
        left(p.result->>'error', 200) AS last_error
-  FROM worker_jobs AS n
+  FROM (SELECT * FROM worker_jobs  -- pending, then running: each read by its partial index
+         WHERE cron_schedule IS NOT NULL AND started IS NULL AND finished IS NULL
+        UNION ALL
+        SELECT * FROM worker_jobs
+         WHERE cron_schedule IS NOT NULL AND started IS NOT NULL AND finished IS NULL) AS n
   LEFT JOIN worker_jobs AS p ON p.id = n.rescheduled_from_job
- WHERE n.cron_schedule IS NOT NULL AND n.finished IS NULL
  ORDER BY n.type, n.tag
  LIMIT %(limit)s
 

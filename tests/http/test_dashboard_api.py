@@ -251,3 +251,19 @@ async def test_live_signals_an_insert(db_url: str, sql: Any) -> None:
                     if line == "event: change":
                         break
         assert (await client.get("/api/live")).status_code == 401
+
+
+def test_the_cli_mints_viewer_tokens() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from qdworker._events.tokens import verify
+
+    env = {**os.environ, "QDWORKER_WS_SECRET": SECRET}
+    argv = [sys.executable, "-m", "qdworker", "token", "--user", "3", "--viewer"]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=True)
+    identity = verify(SECRET, done.stdout.strip())
+    assert (identity.user_id, identity.viewer, identity.admin) == (3, True, False)
+    both = subprocess.run([*argv, "--admin"], env=env, capture_output=True, text=True, timeout=60)
+    assert both.returncode != 0 and "exclude" in both.stderr
