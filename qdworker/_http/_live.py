@@ -15,7 +15,9 @@ Each connected dashboard reads the feed through :meth:`LiveFeed.stream`, an even
 whatever the rate of changes (they fold into the version: nothing is queued per client), a
 ``ping`` comment every :data:`PING_SECONDS` (so dead connections are noticed), and ends after
 :data:`STREAM_SECONDS` (the page reconnects). At most :data:`MAX_CLIENTS` streams at once;
-:meth:`LiveFeed.admit` refuses more. A stream ends when its client goes (Starlette cancels it).
+:meth:`LiveFeed.admit` refuses more. A stream ends when its client goes (Starlette cancels it);
+when the server stops, open streams are cut after hypercorn's grace period
+(:data:`~.server.GRACEFUL_SECONDS`).
 """
 
 from __future__ import annotations

@@ -267,3 +267,20 @@ def test_the_cli_mints_viewer_tokens() -> None:
     assert (identity.user_id, identity.viewer, identity.admin) == (3, True, False)
     both = subprocess.run([*argv, "--admin"], env=env, capture_output=True, text=True, timeout=60)
     assert both.returncode != 0 and "exclude" in both.stderr
+
+
+async def test_an_open_live_stream_does_not_hold_up_shutdown(db_url: str) -> None:
+    from qdworker._http.server import GRACEFUL_SECONDS
+
+    config = Config(
+        database_url=db_url, worker_count=0, ws_enabled=False, http_port=0, ws_secret=SECRET
+    )
+    async with trio.open_nursery() as nursery:
+        manager: Manager = await nursery.start(serve, config)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{manager.http_port}") as client:
+            async with client.stream("GET", "/api/live", headers=VIEWER) as stream:
+                assert (await anext(stream.aiter_lines())).startswith("retry:")
+                began = trio.current_time()
+                with trio.fail_after(GRACEFUL_SECONDS + 5):
+                    await manager.shutdown()
+                assert trio.current_time() - began < GRACEFUL_SECONDS + 2
