@@ -121,6 +121,7 @@ function confirmAction(text) {
 async function bulk(action, filters, what) {
   try {
     const c = await api(`/api/jobs/count${query({ ...filters })}`);
+    if (c.count === 0) { status(`Nothing to ${action}: no ${what} in a state that allows it.`); return; }
     const n = c.more ? `more than ${fmtNum(c.limit)} (the first ${fmtNum(c.limit)} will be taken)` : fmtNum(c.count);
     if (!(await confirmAction(`${action[0].toUpperCase()}${action.slice(1)} ${n} ${what}?`))) return;
     const done = await act(`/api/actions/${action}`, { filters });
@@ -333,10 +334,10 @@ const workers = {
     const d = await api("/api/workers");
     this.el.replaceChildren(h("h2", {}, "Workers"),
       table("Supervisors", ["Id", "Host", "pid", "Websocket clients", "Last seen"],
-        d.supervisors.map((s) => [s.id, s.host, num(s.pid), num(s.ws_clients), `${fmtSeconds(s.seen_seconds_ago)} ago`])),
+        d.supervisors.map((s) => [s.id, s.host, String(s.pid), num(s.ws_clients), `${fmtSeconds(s.seen_seconds_ago)} ago`])),
       h("h3", {}, "Worker processes, last 24 hours"),
       table("Worker processes", ["Supervisor", "Slot", "Host", "pid", "Uptime", "Jobs run", "Failed", "RSS", "Restarts", "Health"],
-        d.workers.map((w) => [w.supervisor || "", num(w.slot), w.host, num(w.pid), fmtSeconds(w.uptime_seconds), num(w.jobs_run), num(w.jobs_failed),
+        d.workers.map((w) => [w.supervisor || "", num(w.slot), w.host, String(w.pid), fmtSeconds(w.uptime_seconds), num(w.jobs_run), num(w.jobs_failed),
           h("td", { class: "num" }, fmtBytes(w.rss_bytes)), num(w.restarts),
           w.stopped_at ? `stopped ${fmtTime(w.stopped_at)}` : w.seen_seconds_ago < 30 ? "live" : `silent ${fmtSeconds(w.seen_seconds_ago)}`])));
   },
