@@ -277,10 +277,42 @@ async def test_an_open_live_stream_does_not_hold_up_shutdown(db_url: str) -> Non
     )
     async with trio.open_nursery() as nursery:
         manager: Manager = await nursery.start(serve, config)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{manager.http_port}") as client:
-            async with client.stream("GET", "/api/live", headers=VIEWER) as stream:
-                assert (await anext(stream.aiter_lines())).startswith("retry:")
-                began = trio.current_time()
-                with trio.fail_after(GRACEFUL_SECONDS + 5):
-                    await manager.shutdown()
-                assert trio.current_time() - began < GRACEFUL_SECONDS + 2
+        base = f"http://127.0.0.1:{manager.http_port}"
+        async with (
+            httpx.AsyncClient(base_url=base) as client,
+            client.stream("GET", "/api/live", headers=VIEWER) as stream,
+        ):
+            assert (await anext(stream.aiter_lines())).startswith("retry:")
+            began = trio.current_time()
+            with trio.fail_after(GRACEFUL_SECONDS + 5):
+                await manager.shutdown()
+            assert trio.current_time() - began < GRACEFUL_SECONDS + 2
+
+
+async def test_live_signals_are_debounced(db_url: str, sql: Any) -> None:
+    from qdworker._http._live import DEBOUNCE_SECONDS
+
+    window = 1.5
+    async with (
+        dashboard(db_url) as client,
+        client.stream("GET", "/api/live", headers=VIEWER) as stream,
+    ):
+        lines = stream.aiter_lines()
+        assert (await anext(lines)).startswith("retry:")
+        await trio.sleep(0.5)  # the feed's LISTEN is in place
+        changes = 0
+
+        async def count() -> None:
+            nonlocal changes
+            async for line in lines:
+                changes += line == "event: change"
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count)
+            began = trio.current_time()
+            while trio.current_time() - began < window:  # ~a hundred inserts, one at a time
+                insert(sql, "('t', '{}', 'default', 0, NULL)")
+                await trio.sleep(0.01)
+            await trio.sleep(DEBOUNCE_SECONDS * 2)
+            nursery.cancel_scope.cancel()
+    assert 2 <= changes <= window / DEBOUNCE_SECONDS + 3, changes
