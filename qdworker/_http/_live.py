@@ -8,7 +8,8 @@ only while at least one dashboard is connected:
   now"; after a reconnect it counts a change too (notifications were lost meanwhile);
 * this supervisor's events hub (job started, finished...), through one hub client of the
   admin role; the hub bounds its queue and, if it overflows, the feed counts a change and
-  subscribes again.
+  subscribes again. Like any websocket client, it makes this supervisor's workers send their
+  job events (and other supervisors relay theirs) while a dashboard is open, and only then.
 
 Each connected dashboard reads the feed through :meth:`LiveFeed.stream`, an event stream
 (``text/event-stream``) that says ``change`` at most once per :data:`DEBOUNCE_SECONDS`

@@ -316,3 +316,24 @@ async def test_live_signals_are_debounced(db_url: str, sql: Any) -> None:
             await trio.sleep(DEBOUNCE_SECONDS * 2)
             nursery.cancel_scope.cancel()
     assert 2 <= changes <= window / DEBOUNCE_SECONDS + 3, changes
+
+
+async def test_development_mode_needs_no_token_on_loopback(db_url: str, sql: Any) -> None:
+    [job_id] = insert(sql, "('t', '{}', 'default', 0, NULL)")
+    config = Config(database_url=db_url, worker_count=0, ws_enabled=False, http_port=0)
+    async with trio.open_nursery() as nursery:
+        manager: Manager = await nursery.start(serve, config)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{manager.http_port}") as client:
+            me = (await client.get("/api/me")).json()
+            assert me == {"user_id": 0, "admin": True, "viewer": True, "development": True}
+            action = {"x-qdworker-action": "1"}
+            done = await client.post(
+                "/api/actions/cancel", json={"filters": {"id": job_id}}, headers=action
+            )
+            assert done.json()["touched"] == 1
+            # A page that pointed its own DNS name at 127.0.0.1 is still refused.
+            rebound = await client.get(
+                "/api/jobs", headers={"host": f"evil.example:{manager.http_port}"}
+            )
+            assert rebound.status_code == 403
+        await manager.shutdown(immediate=True)
