@@ -18,6 +18,9 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin", action="store_true", help="an admin token: sees every user's events"
     )
+    parser.add_argument(
+        "--viewer", action="store_true", help="a viewer token: reads the dashboard, cannot act"
+    )
 
 
 def _token(args: argparse.Namespace, config: Config) -> int:
@@ -25,7 +28,9 @@ def _token(args: argparse.Namespace, config: Config) -> int:
         raise ConfigError("QDWORKER_WS_SECRET is not set: tokens need a secret to be signed with")
     if args.user < 1 or not args.ttl > 0:
         raise ConfigError("--user must be >= 1 and --ttl > 0")
-    print(mint(config.ws_secret, args.user, args.ttl, args.admin))
+    if args.admin and args.viewer:
+        raise ConfigError("--admin and --viewer exclude each other (an admin also views)")
+    print(mint(config.ws_secret, args.user, args.ttl, args.admin, viewer=args.viewer))
     return 0
 
 

@@ -1,6 +1,7 @@
 """The Starlette app of the supervisor's HTTP surface, assembled from its route modules.
 
-Each route module (``health``, ...) exposes ``routes(state)``; :func:`build_app` joins them.
+Each route module (``health``, ``dashboard``, ...) exposes ``routes(state)``; :func:`build_app`
+joins them, and runs the tasks they put in :attr:`HttpState.background` for the app's life.
 :class:`HttpState` is what every handler may use: the settings, the database (a
 :class:`~qdworker._db.connection.Link` of its own, opened on first use and closed by
 :meth:`HttpState.aclose`) and the supervisor, seen through the narrow :class:`SupervisorView`.
@@ -8,10 +9,12 @@ Each route module (``health``, ...) exposes ``routes(state)``; :func:`build_app`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import trio
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
@@ -51,6 +54,9 @@ class HttpState:
     options: DbOptions
     supervisor: SupervisorView
     link: Link = field(init=False)
+    #: Tasks the route modules need while the app runs (e.g. the dashboard's live feed):
+    #: started with the app, cancelled when it stops. Each must end only when cancelled.
+    background: list[Callable[[], Awaitable[None]]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
         self.link = Link(self.url, "http", self.options, persistent=False)
@@ -65,7 +71,16 @@ class HttpState:
 
 def build_app(state: HttpState) -> Starlette:
     """The app with every route module's routes."""
-    from . import health
+    from . import dashboard, health
 
-    routes: list[BaseRoute] = [*health.routes(state)]
-    return Starlette(routes=routes)
+    routes: list[BaseRoute] = [*health.routes(state), *dashboard.routes(state)]
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with trio.open_nursery() as nursery:
+            for task in state.background:
+                nursery.start_soon(task)
+            yield
+            nursery.cancel_scope.cancel()
+
+    return Starlette(routes=routes, lifespan=lifespan)
