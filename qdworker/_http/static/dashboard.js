@@ -49,10 +49,13 @@ function fmtBytes(b) {
 }
 
 function table(caption, headers, rows) {
-  const head = h("tr", {}, headers.map((t) => h("th", { scope: "col", class: NARROW_HIDDEN.has(t) ? "hide-narrow" : null }, t)));
   const body = rows.length
     ? rows.map((cells) => h("tr", {}, cells.map((c) => (c instanceof Node && c.tagName === "TD" ? c : h("td", {}, c)))))
     : [h("tr", {}, h("td", { colspan: headers.length, class: "muted" }, "Nothing here."))];
+  // A column of numbers is right-aligned, its header too.
+  const numeric = (i) => rows.length > 0 && body[0].children[i]?.classList.contains("num");
+  const headClass = (t, i) => [NARROW_HIDDEN.has(t) ? "hide-narrow" : "", numeric(i) ? "num" : ""].join(" ").trim() || null;
+  const head = h("tr", {}, headers.map((t, i) => h("th", { scope: "col", class: headClass(t, i) }, t)));
   return h("div", { class: "scroll" }, h("table", {}, h("caption", {}, caption), h("thead", {}, head), h("tbody", {}, body)));
 }
 
