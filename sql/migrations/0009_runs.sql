@@ -81,11 +81,15 @@ BEGIN
            SET started = ts, claims = j.claims + 1, attempt = j.attempt + 1,
                lost_runs = j.lost_runs + 1, lease_owner = p_owner,
                lease_expires_at = ts + p_lease_seconds * interval '1 second', updated_at = ts,
-               -- The run lost: as the supervisor saw it die (lease_owner NULL), or by lease
-               -- expiry (nothing known of it).
+               -- The run lost: as its supervisor saw it die (release_worker_leases ends the
+               -- lease at its last update), or by lease expiry (nothing known of it).
                run_outcome = 'lost',
-               lost_signal = CASE WHEN j.lease_owner IS NULL THEN j.lost_signal END,
-               run_wall_ms = CASE WHEN j.lease_owner IS NULL THEN j.run_wall_ms END,
+               lost_signal = CASE WHEN j.run_outcome = 'lost'
+                                       AND j.lease_expires_at = j.updated_at
+                                  THEN j.lost_signal END,
+               run_wall_ms = CASE WHEN j.run_outcome = 'lost'
+                                       AND j.lease_expires_at = j.updated_at
+                                  THEN j.run_wall_ms END,
                run_cpu_ms = NULL, run_cpu_shared = NULL, run_peak_rss_bytes = NULL,
                run_traceparent = NULL
           FROM picked

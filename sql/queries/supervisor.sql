@@ -4,11 +4,12 @@
 -- A worker process ended: end the leases of the unfinished jobs it still held now, so they are
 -- claimable at once (the claimer counts the run as lost) instead of at lease expiry, and wake
 -- the other workers. Records the lost run (0009_runs.sql): its wall time until now and the
--- signal that killed the process (%(signal)s, NULL: it exited); lease_owner NULL tells the
--- rescuing claim that this was written.
+-- signal that killed the process (%(signal)s, NULL: it exited). The rescuing claim knows
+-- this was written by lease_expires_at = updated_at (both now(); a lease renewed by its worker
+-- always ends after the row's last update).
 WITH ended AS (
     UPDATE worker_jobs
-       SET lease_expires_at = now(), updated_at = now(), lease_owner = NULL,
+       SET lease_expires_at = now(), updated_at = now(),
            run_outcome = 'lost', lost_signal = %(signal)s::text,
            run_wall_ms = extract(epoch FROM now() - started) * 1000,
            run_cpu_ms = NULL, run_cpu_shared = NULL, run_peak_rss_bytes = NULL,

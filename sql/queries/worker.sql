@@ -83,13 +83,15 @@ UPDATE worker_jobs AS j
        lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
        updated_at = now(),
        -- A rescued run records the one lost (0009_runs.sql): the supervisor that saw its
-       -- worker die ended the lease with lease_owner NULL and wrote how; otherwise the lease
-       -- expired and nothing is known of that run.
+       -- worker die wrote how (release_worker_leases: lease_expires_at = updated_at);
+       -- otherwise the lease expired and nothing is known of that run.
        run_outcome = CASE WHEN picked.lost THEN 'lost' ELSE j.run_outcome END,
-       lost_signal = CASE WHEN picked.lost AND j.lease_owner IS NOT NULL THEN NULL
-                          ELSE j.lost_signal END,
-       run_wall_ms = CASE WHEN picked.lost AND j.lease_owner IS NOT NULL THEN NULL
-                          ELSE j.run_wall_ms END,
+       lost_signal = CASE WHEN NOT picked.lost OR (j.run_outcome = 'lost'
+                                                    AND j.lease_expires_at = j.updated_at)
+                          THEN j.lost_signal END,
+       run_wall_ms = CASE WHEN NOT picked.lost OR (j.run_outcome = 'lost'
+                                                    AND j.lease_expires_at = j.updated_at)
+                          THEN j.run_wall_ms END,
        run_cpu_ms = CASE WHEN picked.lost THEN NULL ELSE j.run_cpu_ms END,
        run_cpu_shared = CASE WHEN picked.lost THEN NULL ELSE j.run_cpu_shared END,
        run_peak_rss_bytes = CASE WHEN picked.lost THEN NULL ELSE j.run_peak_rss_bytes END,
