@@ -13,6 +13,7 @@ from procs import all_finished, running, start_supervisor, start_worker, stop, w
 from psycopg.rows import dict_row
 
 MIB = 1024 * 1024
+README = Path(__file__).resolve().parents[2] / "README.rst"
 #: One job at a time, so that every run is alone in its process (its CPU figure is exact).
 ALONE = {"QDWORKER_CONCURRENCY": "1", "QDWORKER_POLL_INTERVAL": "0.5"}
 FIGURES = (
@@ -98,6 +99,18 @@ def test_peak_rss_of_a_job_that_allocates(jobs_db: str) -> None:
     assert rows[second]["run_peak_rss_bytes"] >= base + 100 * MIB
     # The memory went back: the next run's peak is near where it was before.
     assert rows[after]["run_peak_rss_bytes"] < base + 50 * MIB
+    # README's queries find the type that pushed the memory up, and sum the time.
+    [pushers] = sql(jobs_db, readme_query("-- The job types whose runs push"))
+    assert (pushers["type"], pushers["runs"]) == ("allocate", 2)
+    by_type = {r["type"]: r for r in sql(jobs_db, readme_query("-- Where the time goes"))}
+    assert by_type["allocate"]["runs"] == 2 and by_type["allocate"]["wall_ms"] >= 500
+
+
+def readme_query(first_line: str) -> str:
+    """The SQL statement of README.rst that starts with ``first_line``."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(first_line)
+    return text[start : text.index(";", start)]
 
 
 def test_worker_killed_by_a_signal_is_recorded_on_the_rescued_row(
