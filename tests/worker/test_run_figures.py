@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from procs import all_finished, running, start_supervisor, start_worker, stop, wait_for
 from psycopg.rows import dict_row
 
@@ -32,13 +33,29 @@ def by_id(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {row["id"]: row for row in rows}
 
 
-def insert(db_url: str, job_type: str, data: str = "{}", timeout: float | None = None) -> int:
+def insert(
+    db_url: str,
+    job_type: str,
+    data: str = "{}",
+    timeout: float | None = None,
+    queue: str = "default",
+) -> int:
     [row] = sql(
         db_url,
-        "INSERT INTO worker_jobs (type, data, timeout_seconds) VALUES (%s, %s, %s) RETURNING id",
-        (job_type, data, timeout),
+        "INSERT INTO worker_jobs (type, data, timeout_seconds, queue) VALUES (%s, %s, %s, %s)"
+        " RETURNING id",
+        (job_type, data, timeout, queue),
     )
     return int(row["id"])
+
+
+#: Both claims: the plain one, and that of a limited queue (qdworker_claim_queue).
+QUEUES = pytest.mark.parametrize("queue", ["default", "limited"])
+
+
+def limit(db_url: str, queue: str) -> None:
+    if queue == "limited":
+        sql(db_url, "INSERT INTO worker_queues (name, concurrency) VALUES ('limited', 5)")
 
 
 def test_endings_and_cpu_of_runs_alone(jobs_db: str) -> None:
@@ -113,12 +130,14 @@ def readme_query(first_line: str) -> str:
     return text[start : text.index(";", start)]
 
 
+@QUEUES
 def test_worker_killed_by_a_signal_is_recorded_on_the_rescued_row(
-    jobs_db: str, tmp_path: Path
+    jobs_db: str, tmp_path: Path, queue: str
 ) -> None:
+    limit(jobs_db, queue)
     pid_file = tmp_path / "pid"
     data = f'{{"pid_file": "{pid_file}", "seconds": 60}}'
-    job_id = insert(jobs_db, "pidSleep", data)
+    job_id = insert(jobs_db, "pidSleep", data, queue=queue)
     settings = {"WORKER_COUNT": "1", "QDWORKER_SHUTDOWN_TIMEOUT": "1", **ALONE}
     with running(start_supervisor(jobs_db, **settings)) as supervisor:
         one = f"SELECT * FROM ({FIGURES}) AS f WHERE id = {job_id}"
@@ -134,9 +153,11 @@ def test_worker_killed_by_a_signal_is_recorded_on_the_rescued_row(
         assert stop(supervisor) == 0
 
 
-def test_run_lost_by_lease_expiry_records_no_signal(jobs_db: str) -> None:
+@QUEUES
+def test_run_lost_by_lease_expiry_records_no_signal(jobs_db: str, queue: str) -> None:
+    limit(jobs_db, queue)
     settings = {**ALONE, "QDWORKER_LEASE_SECONDS": "1", "QDWORKER_SHUTDOWN_TIMEOUT": "1"}
-    job_id = insert(jobs_db, "sleep", '{"seconds": 60}')
+    job_id = insert(jobs_db, "sleep", '{"seconds": 60}', queue=queue)
     with running(start_worker(jobs_db, **settings)) as first:
         wait_for(jobs_db, "SELECT * FROM test_runs", lambda rows: len(rows) == 1)
         first.send_signal(signal.SIGKILL)
