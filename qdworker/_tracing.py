@@ -10,14 +10,18 @@ imports it.
   ``qdworker.job.outcome`` (the ``run_outcome`` column); also ``messaging.system`` and
   ``messaging.destination.name`` (the queue).
 
-Costs: without the package, or while no SDK tracer provider is set (the API's default
-provider), every function returns ``None`` after one check. qdworker never sets a provider
-or an exporter: the application does (in its job module, or a start-up hook, for workers).
-Nothing here raises on a malformed stored context: it is ignored (the span becomes a root).
+Costs: nothing is imported until the application has imported ``opentelemetry.trace`` (before
+that no span can be current and no provider set, so every function returns ``None`` after one
+dictionary lookup); without the package, likewise. Once it is imported, while no SDK tracer
+provider is set (the API's default provider), a run costs one more check. qdworker never sets
+a provider or an exporter: the application does (in its job module, or a start-up hook, for
+workers). Nothing here raises on a malformed stored context: it is ignored (the span becomes
+a root).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Final
@@ -27,17 +31,34 @@ from ._model import Job
 
 logger = module_logger(__name__)
 
-try:
-    from opentelemetry import context as otel_context
-    from opentelemetry import trace
-    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-except ImportError:  # the extra is not installed: tracing is off, at no cost
-    trace = None  # type: ignore[assignment]
-    AVAILABLE: Final = False
-else:
-    AVAILABLE = True  # type: ignore[misc]
-    _PROPAGATOR: Final = TraceContextTextMapPropagator()
-    _OFF_PROVIDERS: Final = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+#: The parts of the OpenTelemetry API used here, once loaded (see :func:`_api`).
+trace: Any = None
+_PROPAGATOR: Any = None
+_Context: Any = None
+_OFF_PROVIDERS: tuple[type, ...] = ()
+
+
+def _api() -> bool:
+    """Is the OpenTelemetry API usable (loaded here once, after the application imported
+    ``opentelemetry.trace``)?"""
+    global trace, _PROPAGATOR, _Context, _OFF_PROVIDERS
+    if trace is not None:
+        return True
+    if sys.modules.get("opentelemetry.trace") is None:
+        return False
+    try:
+        from opentelemetry import context as otel_context
+        from opentelemetry import trace as otel_trace
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+    except ImportError:  # a broken installation: tracing stays off
+        logger.warning("opentelemetry.trace is imported but unusable: tracing is off")
+        return False
+    _PROPAGATOR = TraceContextTextMapPropagator()
+    _Context = otel_context.Context
+    _OFF_PROVIDERS = (otel_trace.ProxyTracerProvider, otel_trace.NoOpTracerProvider)
+    trace = otel_trace
+    return True
+
 
 #: Outcomes (``run_outcome``) whose span gets the error status.
 ERROR_OUTCOMES: Final = frozenset({"raised", "timed_out", "lost"})
@@ -50,7 +71,7 @@ _tracer_of: tuple[Any, Any] | None = None  # (provider, its tracer), made once p
 def _tracer() -> Any:
     """The tracer of the configured SDK provider, or None (off)."""
     global _tracer_of
-    if not AVAILABLE:
+    if not _api():
         return None
     provider = trace.get_tracer_provider()
     if isinstance(provider, _OFF_PROVIDERS):
@@ -63,7 +84,7 @@ def _tracer() -> Any:
 def current_context() -> dict[str, str] | None:
     """The current span's context as ``trace_context`` stores it (``traceparent``,
     ``tracestate``), or None: tracing off, or no span is current."""
-    if not AVAILABLE:
+    if not _api():
         return None
     span_context = trace.get_current_span().get_span_context()
     if not span_context.is_valid:
@@ -76,7 +97,7 @@ def current_context() -> dict[str, str] | None:
 def _extract(carrier: Mapping[str, Any] | None) -> Any:
     """The context of ``carrier``'s traceparent (an empty context if it has none)."""
     entries = {k: v for k, v in (carrier or {}).items() if isinstance(v, str)}
-    return _PROPAGATOR.extract(entries, context=otel_context.Context())
+    return _PROPAGATOR.extract(entries, context=_Context())
 
 
 def _link_to_previous(carrier: Mapping[str, Any] | None) -> list[Any]:

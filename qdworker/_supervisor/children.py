@@ -314,9 +314,5 @@ class Child:
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "could not be started"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(code * -1).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+    killed_by = signal_name(code)
+    return f"killed by {killed_by}" if killed_by else f"exit code {code}"

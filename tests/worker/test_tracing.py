@@ -148,14 +148,23 @@ async def test_submit_jobs_stores_the_context_and_outside_a_span_none(
     ]
 
 
-def test_without_opentelemetry_nothing_is_traced() -> None:
-    """A process where the package cannot be imported: tracing is off, jobs are untouched."""
+@pytest.mark.parametrize(
+    "setup",
+    [
+        pytest.param("sys.modules['opentelemetry'] = None", id="not installed"),
+        pytest.param("", id="installed, not imported by the application"),
+    ],
+)
+def test_without_opentelemetry_nothing_is_traced_or_imported(setup: str) -> None:
+    """A process where the application did not import opentelemetry (or cannot): tracing is
+    off, and qdworker's worker and client import nothing of it."""
     code = (
-        "import sys; sys.modules['opentelemetry'] = None\n"
+        f"import sys; {setup}\n"
+        "import qdworker._client, qdworker._worker.runner\n"
         "from qdworker import _tracing\n"
-        "assert _tracing.AVAILABLE is False\n"
         "assert _tracing.current_context() is None\n"
         "assert _tracing.start_run(None) is None\n"
+        "assert not any(m.startswith('opentelemetry') for m in sys.modules if sys.modules[m])\n"
         "print('ok')\n"
     )
     done = subprocess.run(
