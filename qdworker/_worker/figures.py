@@ -5,9 +5,10 @@ What is measured, exactly:
 
 * **Wall time**: the handler's start to its end, on the monotonic clock.
 * **CPU time**: ``getrusage(RUSAGE_SELF)`` user + system time of the whole worker process
-  (every thread: the handler's, the worker's own bookkeeping) at the end minus at the start.
-  Exact for a run alone in its process; when other runs of the process overlapped it
-  (``cpu_shared``), an upper bound: it includes their CPU time too.
+  (every thread: the handler's, the worker's own bookkeeping) at the end minus at the start,
+  each reading at most :data:`USAGE_REUSE_SECONDS` old. Exact (to that) for a run alone in
+  its process; when other runs of the process overlapped it (``cpu_shared``), an upper bound:
+  it includes their CPU time too.
 * **Peak RSS**: the highest of the process's resident set size sampled every
   :data:`RSS_SAMPLE_SECONDS` while the run went on (from ``/proc/self/statm``) and the sample
   just before it started; when the process reached a new lifetime peak during the run
@@ -16,9 +17,9 @@ What is measured, exactly:
   and the lifetime peak did not rise.
 
 One :data:`METER` per process (CPU time and memory are the process's). Its cost per run is two
-``getrusage`` calls and two clock reads; the sampler (:meth:`Meter.sample_forever`, run by the
-worker) reads one small file per interval. Nothing here raises: an unreadable ``/proc``
-leaves the sample unknown.
+clock reads and at most two ``getrusage`` calls (fewer when runs start and end close
+together); the sampler (:meth:`Meter.sample_forever`, run by the worker) reads one small file
+per interval. Nothing here raises: an unreadable ``/proc`` leaves the sample unknown.
 """
 
 from __future__ import annotations
@@ -34,10 +35,17 @@ import trio
 
 #: How often the worker samples its resident memory.
 RSS_SAMPLE_SECONDS: Final = 0.1
+#: A ``getrusage`` reading is reused for this long: runs that start or end together (a
+#: claimed batch, short handlers) share one call. The CPU time of a run is off by at most
+#: this much at either end.
+USAGE_REUSE_SECONDS: Final = 0.0002
 #: ``ru_maxrss`` is in KiB on Linux, in bytes on macOS.
 _MAXRSS_UNIT_BYTES: Final = 1 if sys.platform == "darwin" else 1024
 _PAGE_BYTES: Final = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _STATM: Final = "/proc/self/statm"
+_getrusage: Final = resource.getrusage
+_SELF: Final = resource.RUSAGE_SELF
+_monotonic: Final = time.monotonic
 
 
 @dataclass(slots=True)
@@ -79,32 +87,42 @@ class Meter:
     def __init__(self) -> None:
         self._active: set[Measure] = set()
         self._starts = 0
+        self._read_at = -USAGE_REUSE_SECONDS  # the last getrusage reading (monotonic)
+        self._cpu = 0.0
+        self._maxrss = 0
         #: The latest RSS sample, bytes (None: not sampled yet).
         self.last_rss: int | None = None
 
+    def _usage(self) -> tuple[float, float, int]:
+        """Now (monotonic), the process's CPU seconds and ``ru_maxrss``: read again unless
+        the last reading is under :data:`USAGE_REUSE_SECONDS` old."""
+        now = _monotonic()
+        if now - self._read_at > USAGE_REUSE_SECONDS:
+            usage = _getrusage(_SELF)
+            self._cpu = usage.ru_utime + usage.ru_stime
+            self._maxrss = usage.ru_maxrss
+            self._read_at = now
+        return now, self._cpu, self._maxrss
+
     def begin(self) -> Measure:
         """A run starts now."""
-        usage = resource.getrusage(resource.RUSAGE_SELF)
+        now, cpu, maxrss = self._usage()
         self._starts += 1
-        measure = Measure(
-            time.monotonic(), usage.ru_utime + usage.ru_stime, usage.ru_maxrss, self._starts,
-            bool(self._active), self.last_rss,
-        )  # fmt: skip
+        measure = Measure(now, cpu, maxrss, self._starts, bool(self._active), self.last_rss)
         self._active.add(measure)
         return measure
 
     def end(self, measure: Measure, outcome: str | None) -> RunFigures:
         """The run of ``measure`` ended now, with ``outcome`` (``run_outcome``)."""
-        wall = time.monotonic()
-        usage = resource.getrusage(resource.RUSAGE_SELF)
+        now, cpu, maxrss = self._usage()
         self._active.discard(measure)
         peak = measure.peak
-        if usage.ru_maxrss > measure.maxrss:  # a new lifetime peak, reached during the run
-            peak = usage.ru_maxrss * _MAXRSS_UNIT_BYTES
+        if maxrss > measure.maxrss:  # a new lifetime peak, reached during the run
+            peak = maxrss * _MAXRSS_UNIT_BYTES
         return RunFigures(
             outcome,
-            (wall - measure.wall) * 1000,
-            (usage.ru_utime + usage.ru_stime - measure.cpu) * 1000,
+            (now - measure.wall) * 1000,
+            (cpu - measure.cpu) * 1000,
             measure.shared or self._starts != measure.starts,
             peak,
         )

@@ -19,7 +19,6 @@ worker replaces its process (the only way to stop that thread).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import threading
@@ -132,8 +131,11 @@ async def execute(run: Run, ctx: JobContext) -> Outcome:
     measure = METER.begin()
     ended: str | None = None
     try:
-        with span.current() if span is not None else contextlib.nullcontext():
+        if span is None:
             outcome, raised = await _handle(run, ctx, job_type)
+        else:
+            with span.current():
+                outcome, raised = await _handle(run, ctx, job_type)
         ended = run_outcome(outcome, raised)
     finally:
         run.figures = METER.end(measure, ended)
