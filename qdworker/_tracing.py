@@ -140,6 +140,8 @@ class RunSpan:
 
 def start_run(job: Job) -> RunSpan | None:
     """Open the span of a run of ``job`` (None: tracing is off)."""
+    if trace is None and sys.modules.get("opentelemetry.trace") is None:
+        return None  # the common case, at the cost of one lookup
     tracer = _tracer()
     if tracer is None:
         return None

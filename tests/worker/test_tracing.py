@@ -133,6 +133,29 @@ async def test_a_job_inserted_by_sql_gets_a_root_span(
     assert span.attributes is not None and span.attributes["qdworker.job.outcome"] == "returned"
 
 
+async def test_a_cron_tick_starts_its_own_trace_linked_to_the_tick_before(
+    sql: Any, qdworker_inline: InlineWorker, spans: InMemorySpanExporter
+) -> None:
+    [first] = sql.execute(
+        "INSERT INTO worker_jobs (type, cron_schedule, trace_context) VALUES ('traceNoop',"
+        " '0 0 * * * *', '{\"traceparent\": \"00-0af7651916cd43dd8448eb211c80319c-"
+        "b7ad6b7169203331-01\"}') RETURNING id"
+    ).fetchall()
+    await qdworker_inline.run_due()
+    tick = sql.execute(
+        "SELECT id, trace_context FROM worker_jobs WHERE rescheduled_from_job = %s",
+        (first["id"],),
+    ).fetchone()
+    sql.execute("UPDATE worker_jobs SET due = now() WHERE id = %s", (tick["id"],))
+    await qdworker_inline.run_due()
+    before, after = [s for s in spans.get_finished_spans() if s.name == "process traceNoop"]
+    assert before.context.trace_id == 0x0AF7651916CD43DD8448EB211C80319C
+    assert list(tick["trace_context"]) == ["previous"]  # no parent: a trace of its own
+    assert after.parent is None and after.context.trace_id != before.context.trace_id
+    [link] = after.links
+    assert link.context.span_id == before.context.span_id
+
+
 async def test_submit_jobs_stores_the_context_and_outside_a_span_none(
     db_url: str, spans: InMemorySpanExporter
 ) -> None:
