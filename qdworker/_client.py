@@ -23,6 +23,7 @@ from typing import Any, Literal, TypeVar, cast
 import psycopg
 
 from . import _queues as queues
+from . import _tracing as tracing
 from ._db import statements, store
 from ._db.connect import DEFAULT_TIMEOUT_SECONDS, DbOptions, translate
 from ._db.connection import Connection, Link
@@ -100,6 +101,8 @@ class Queue:
             return job
         params = {key: prepared.get(key) for key in _SINGLE_PARAMS}
         params["data"] = json.dumps(prepared["data"])
+        trace_context = tracing.current_context()
+        params["trace_context"] = None if trace_context is None else json.dumps(trace_context)
         if connection is not None:
             [job] = await _on_callers(connection, store.statement_rows("insert_job", params))
             return cast(Job, job)
@@ -120,6 +123,10 @@ class Queue:
             raise InvalidJobError(f"submit_jobs takes at most {MAX_BATCH} jobs per call")
         if not prepared:
             return []
+        trace_context = tracing.current_context()
+        if trace_context is not None:
+            for entry in prepared:
+                entry["trace_context"] = trace_context
         if any(entry.get("on_tag_conflict") == "keep" for entry in prepared):
             return await self._keeping(prepared, connection)
         if connection is not None:

@@ -22,6 +22,11 @@ class Job:
     worker counts as one). ``claims`` is the fencing token of the current run. ``dead_at`` is
     when the run failed for good (failed, not cancelled, no retry or cron tick scheduled);
     ``None`` if it did not, or once it was redriven.
+
+    The ``run_*`` attributes are the figures of the row's last run that ended (how,
+    ``run_outcome``; wall and CPU time; peak memory of the worker process; its span), and
+    ``lost_signal`` the signal that killed the worker in its last lost run; ``trace_context``
+    is the submitter's W3C trace context. See README, "Run figures" and "Tracing".
     """
 
     id: int
@@ -57,6 +62,14 @@ class Job:
     concurrency_key: str | None
     on_tag_conflict: str
     dead_at: datetime | None
+    run_outcome: str | None
+    run_wall_ms: float | None
+    run_cpu_ms: float | None
+    run_cpu_shared: bool | None
+    run_peak_rss_bytes: int | None
+    lost_signal: str | None
+    trace_context: dict[str, Any] | None
+    run_traceparent: str | None
 
     @property
     def status(self) -> JobStatus:

@@ -15,7 +15,7 @@ from pathlib import Path
 #: package's top-level modules and folders, without their leading underscore.
 LAYERS: dict[str, int] = {
     "redact": 0, "net": 0, "errors": 0, "model": 0, "version": 0,
-    "config": 1, "logs": 1, "registry": 1, "schedule": 1, "protocol": 1,
+    "config": 1, "logs": 1, "registry": 1, "schedule": 1, "protocol": 1, "tracing": 1,
     "db": 2, "devdb": 2,
     "client": 3, "queues": 3, "fields": 2,
     "jobs": 4, "web3": 4,

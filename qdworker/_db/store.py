@@ -234,9 +234,11 @@ def worker_exit(raw: Raw, *, owner: str, keep: Iterable[int]) -> int:
     return int(_one(raw, "worker_exit", {"owner": owner, "keep": int_array(keep)})["n"])
 
 
-def release_worker_leases(raw: Raw, worker_id: str) -> int:
-    """A worker process died: end its leases now (its runs are rescued as lost runs)."""
-    return int(_one(raw, "release_worker_leases", {"worker_id": worker_id})["n"])
+def release_worker_leases(raw: Raw, worker_id: str, signal: str | None = None) -> int:
+    """A worker process died (killed by ``signal``, None: it exited): end its leases now and
+    record its runs as lost (they are rescued as lost runs)."""
+    params = {"worker_id": worker_id, "signal": signal}
+    return int(_one(raw, "release_worker_leases", params)["n"])
 
 
 # ------------------------------------------------------------------------------- supervisor

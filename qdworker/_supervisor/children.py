@@ -57,8 +57,10 @@ _CHILD_SECRETS: Final = frozenset({"QDWORKER_WS_SECRET"})
 #: Bound on releasing a dead process's leases (connect + one UPDATE).
 RELEASE_TIMEOUT_SECONDS: Final = 10.0
 
-#: ``release(worker_id)``: end the leases of that worker's unfinished jobs; returns the count.
-ReleaseLeases = Callable[[str], Awaitable[int]]
+#: ``release(worker_id, signal)``: end the leases of that worker's unfinished jobs, recording
+#: their runs as lost (with the name of the signal that killed the process, or None); returns
+#: the count.
+ReleaseLeases = Callable[[str, str | None], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -79,12 +81,26 @@ def worker_id_prefix() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-async def release_leases(database_url: str, options: DbOptions, worker_id: str) -> int:
-    """End the leases of ``worker_id``'s unfinished jobs (``release_worker_leases``) on a
-    connection of its own; returns how many jobs. Raises
-    :class:`~qdworker.errors.DatabaseError` if the database cannot be reached."""
+async def release_leases(
+    database_url: str, options: DbOptions, worker_id: str, killed_by: str | None
+) -> int:
+    """End the leases of ``worker_id``'s unfinished jobs (``release_worker_leases``, which
+    records their runs as lost, killed by ``killed_by``) on a connection of its own; returns
+    how many jobs. Raises :class:`~qdworker.errors.DatabaseError` if the database cannot be
+    reached."""
     async with Link(database_url, "supervisor", options, persistent=False) as link:
-        return await link.run(lambda raw: store.release_worker_leases(raw, worker_id))
+        return await link.run(lambda raw: store.release_worker_leases(raw, worker_id, killed_by))
+
+
+def signal_name(exit_code: int | None) -> str | None:
+    """The name of the signal that killed a process with ``exit_code`` (``SIGKILL``; None:
+    it exited, or was never started)."""
+    if exit_code is None or exit_code >= 0:
+        return None
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"SIG{-exit_code}"
 
 
 def _default_on_message(worker_id: str, msg: Mapping[str, Any]) -> None:
@@ -271,13 +287,14 @@ class Child:
                 logger.info("worker %s exited cleanly", worker_id)
             if exit_code is not None:
                 with trio.CancelScope(shield=True):
-                    await self._release_quietly(worker_id, clean=exit_code == 0)
+                    await self._release_quietly(worker_id, exit_code)
         return exit_code
 
-    async def _release_quietly(self, worker_id: str, *, clean: bool) -> None:
+    async def _release_quietly(self, worker_id: str, exit_code: int) -> None:
+        clean = exit_code == 0
         try:
             with trio.fail_after(RELEASE_TIMEOUT_SECONDS):
-                released = await self._release(worker_id)
+                released = await self._release(worker_id, signal_name(exit_code))
         except Exception as exc:
             logger.log(
                 logging.DEBUG if clean else logging.WARNING,
@@ -297,9 +314,5 @@ class Child:
 def _describe_exit(code: int | None) -> str:
     if code is None:
         return "could not be started"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(code * -1).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
+    killed_by = signal_name(code)
+    return f"killed by {killed_by}" if killed_by else f"exit code {code}"

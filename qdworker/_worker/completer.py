@@ -81,6 +81,52 @@ def _bool_array(values: Iterable[bool]) -> str:
     return "{" + ",".join("t" if value else "f" for value in values) + "}"
 
 
+def _literal(items: list[str]) -> str:
+    return "{" + ",".join(items) + "}"
+
+
+def figure_arrays(runs: Iterable[Run]) -> dict[str, str]:
+    """The ``finish`` parameters of the runs' figures (``run.figures``; NULL for a run whose
+    handler never ran, or did not end), one array literal per column, in one pass. Outcomes
+    are plain words and traceparents hex and dashes: nothing needs quoting."""
+    columns: tuple[list[str], ...] = ([], [], [], [], [], [])
+    outcome, wall, cpu, shared, rss, span = columns
+    for run in runs:
+        f = run.figures
+        if f is None or f.outcome is None:
+            for column in columns:
+                column.append("NULL")
+            continue
+        outcome.append(f.outcome)
+        wall.append(f"{f.wall_ms:.3f}")
+        cpu.append(f"{f.cpu_ms:.3f}")
+        shared.append("t" if f.cpu_shared else "f")
+        rss.append("NULL" if f.peak_rss_bytes is None else str(f.peak_rss_bytes))
+        span.append(f.traceparent or "NULL")
+    return {
+        "run_outcome": _literal(outcome),
+        "wall_ms": _literal(wall),
+        "cpu_ms": _literal(cpu),
+        "cpu_shared": _literal(shared),
+        "rss": _literal(rss),
+        "traceparent": _literal(span),
+    }
+
+
+def _released(runs: list[Run]) -> str:
+    """The ``finish`` parameter of runs given back: JSON, with their figures (a rare path)."""
+    entries = []
+    for run in runs:
+        f = run.figures if run.figures is not None and run.figures.outcome else None
+        entries.append({
+            "id": run.job.id, "claims": run.job.claims,
+            "run_outcome": f and f.outcome, "wall_ms": f and f.wall_ms, "cpu_ms": f and f.cpu_ms,
+            "cpu_shared": f and f.cpu_shared, "rss": f and f.peak_rss_bytes,
+            "traceparent": f and f.traceparent,
+        })  # fmt: skip
+    return json.dumps(entries)
+
+
 class Completer:
     """Owns its connection; writes the outcomes of the :class:`~.flow.Flow`'s finished runs.
     A run leaves the flow (:meth:`~.flow.Flow.written`) once its outcome is written, rejected
@@ -243,8 +289,8 @@ class Completer:
                     for s in successors
                 ]
             ),
-            "release_ids": store.int_array(run.job.id for run in releasing),
-            "release_claims": store.int_array(run.job.claims for run in releasing),
+            **figure_arrays(run for run, _ in finishing),
+            "released": _released(releasing),
             "again": False,
         }
 

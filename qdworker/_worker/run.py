@@ -23,6 +23,7 @@ import trio
 
 from .._model import Job
 from .._redact import redact
+from .figures import RunFigures
 
 #: Longest error message stored.
 MAX_ERROR_CHARS: Final = 2000
@@ -64,6 +65,7 @@ class Run:
     deadline: float | None = None  # time.monotonic() of the job's timeout, read by a thread
     thread: threading.Thread | None = None  # a plain-def handler's thread
     thread_done: threading.Event | None = None
+    figures: RunFigures | None = None  # what the run cost (None: the handler never ran)
 
     @property
     def holds_claim(self) -> bool:

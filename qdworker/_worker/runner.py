@@ -29,11 +29,14 @@ from typing import Any, Final
 import trio
 
 from .. import _registry as registry
+from .. import _tracing as tracing
 from .._logs import for_job, module_logger
+from .._model import Job
 from .._protocol import job_event
 from .._schedule import cron
 from ..errors import ClaimLostError
 from .context import AsyncioJobContext, JobContext
+from .figures import METER
 from .flow import Flow
 from .outbox import Outbox
 from .run import Outcome, Run, error_result
@@ -89,9 +92,8 @@ async def _call(job_type: registry.JobType, ctx: JobContext, run: Run) -> Any:
     return await trio.to_thread.run_sync(target, abandon_on_cancel=True)
 
 
-async def execute(run: Run, ctx: JobContext) -> Outcome:
-    """Run ``run.job`` to an :class:`Outcome`. Never raises (but trio.Cancelled from outside)."""
-    job = run.job
+def _refusal(job: Job) -> Outcome | registry.JobType:
+    """The job's type, or the outcome of a job that cannot run (its handler is not called)."""
     if job.cron_schedule is not None and not cron.is_valid(job.cron_schedule):
         message = (
             f"invalid cron_schedule {job.cron_schedule!r}: expected 5 fields or 6 (seconds first)"
@@ -100,7 +102,52 @@ async def execute(run: Run, ctx: JobContext) -> Outcome:
     job_type = registry.get(job.type)
     if job_type is None:
         return Outcome("failed", error_result(f"unknown job type '{job.type}'", "UnknownJobType"))
-    timeout = job.timeout_seconds or job_type.timeout
+    return job_type
+
+
+#: ``run_outcome`` of the endings that say it; the others say ``returned`` or ``raised``.
+_RUN_OUTCOMES: Final = {
+    "timed_out": "timed_out",
+    "cancelled": "cancelled",
+    "release": "preempted",
+    "discard": "preempted",
+}
+
+
+def run_outcome(outcome: Outcome, raised: bool) -> str:
+    """How the run ended, as the ``run_outcome`` column says it."""
+    return _RUN_OUTCOMES.get(outcome.ending) or ("raised" if raised else "returned")
+
+
+async def execute(run: Run, ctx: JobContext) -> Outcome:
+    """Run ``run.job`` to an :class:`Outcome`, measured (``run.figures``, see
+    :mod:`.figures`; left None when the handler is not called) and traced (the run's span,
+    :mod:`qdworker._tracing`). Never raises (but trio.Cancelled from outside: the figures are
+    kept without an outcome and the span ends without one)."""
+    job_type = _refusal(run.job)
+    if isinstance(job_type, Outcome):
+        return job_type
+    span = tracing.start_run(run.job)
+    measure = METER.begin()
+    ended: str | None = None
+    try:
+        if span is None:
+            outcome, raised = await _handle(run, ctx, job_type)
+        else:
+            with span.current():
+                outcome, raised = await _handle(run, ctx, job_type)
+        ended = run_outcome(outcome, raised)
+    finally:
+        run.figures = METER.end(measure, ended)
+        if span is not None:
+            span.end(ended)
+            run.figures.traceparent = span.traceparent
+    return outcome
+
+
+async def _handle(run: Run, ctx: JobContext, job_type: registry.JobType) -> tuple[Outcome, bool]:
+    """Call the handler under its timeout; its outcome, and whether it raised."""
+    timeout = run.job.timeout_seconds or job_type.timeout
     if timeout is not None:
         run.deadline = time.monotonic() + timeout
         run.scope.deadline = trio.current_time() + timeout
@@ -112,21 +159,22 @@ async def execute(run: Run, ctx: JobContext) -> Outcome:
             run.halt("lost", str(exc))
         stopped = run.stopped_outcome(committed=ctx.committed)
         if stopped is not None:
-            return stopped
+            return stopped, True
         if ctx.committed:
             ctx.log.exception("raised after its transaction committed the job")
-            return Outcome("succeeded", committed=True)
+            return Outcome("succeeded", committed=True), True
         ctx.log.info("failed: %s: %s", type(exc).__name__, exc)
-        return Outcome("failed", error_result(str(exc) or repr(exc), type(exc).__name__))
+        return Outcome("failed", error_result(str(exc) or repr(exc), type(exc).__name__)), True
     stopped = run.stopped_outcome(committed=ctx.committed)
     if stopped is not None:
-        return stopped
+        return stopped, False
     if run.scope.cancelled_caught and not ctx.committed:
-        return Outcome("timed_out", error_result(f"timed out after {timeout:g} s", "JobTimeout"))
+        message = f"timed out after {timeout:g} s"
+        return Outcome("timed_out", error_result(message, "JobTimeout")), False
     encoded, problem = _encode_result(value)
     if problem is not None:
-        return Outcome("failed", problem, committed=ctx.committed)
-    return Outcome("succeeded", value, encoded=encoded, committed=ctx.committed)
+        return Outcome("failed", problem, committed=ctx.committed), False
+    return Outcome("succeeded", value, encoded=encoded, committed=ctx.committed), False
 
 
 class Runner:

@@ -38,6 +38,7 @@ from ..errors import DatabaseError
 from .claimer import Claimer
 from .completer import Completer
 from .context import JobContext, JobDatabase
+from .figures import METER
 from .flow import Flow
 from .leases import EXIT_STUCK, LeaseKeeper
 from .outbox import Outbox
@@ -277,6 +278,7 @@ class Worker:
             services.start_soon(leases.tick)
             services.start_soon(leases.guard)
             services.start_soon(self._exit_when_stuck, leases)
+            services.start_soon(METER.sample_forever)
             async with _asyncio_loop_if_needed(), trio.open_nursery() as work:
                 await work.start(self.runner.run)
                 claimer_done = trio.Event()

@@ -3,26 +3,27 @@
 -- name: insert_jobs
 -- One round trip for any number of jobs: a JSON array of objects with the user fields
 -- (plus delay_ms, a due time relative to the database clock). Defaults match plain SQL inserts.
+-- The submitter's trace context (trace_context) comes with each entry when it has one.
 -- Returns every column (rows become Jobs by column name) of each job inserted, so nothing for
 -- an entry the insert trigger skipped (on_tag_conflict 'keep'): batches with keep-mode
 -- entries use insert_jobs_per_entry.
 INSERT INTO worker_jobs (
     tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
     auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-    timeout_seconds, queue, priority, concurrency_key, on_tag_conflict)
+    timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context)
 SELECT j.tag, j.type, coalesce(j.user_id, 0), coalesce(j.data, '{}'::jsonb),
        coalesce(j.due, now() + coalesce(j.delay_ms, 0) * interval '1 millisecond'),
        j.cron_schedule, coalesce(j.auto_reschedule_on_failure, false),
        coalesce(j.auto_reschedule_on_failure_delay, 0), coalesce(j.remove_delay, 0),
        coalesce(j.persistent, false), j.max_attempts, coalesce(j.backoff, 'fixed'),
        j.timeout_seconds, coalesce(j.queue, 'default'), coalesce(j.priority, 0),
-       j.concurrency_key, coalesce(j.on_tag_conflict, 'replace')
+       j.concurrency_key, coalesce(j.on_tag_conflict, 'replace'), j.trace_context
   FROM jsonb_to_recordset(%(jobs)s::jsonb) AS j(
        tag text, type text, user_id bigint, data jsonb, due timestamptz, delay_ms double precision,
        cron_schedule text, auto_reschedule_on_failure boolean,
        auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
        max_attempts integer, backoff text, timeout_seconds double precision, queue text,
-       priority integer, concurrency_key text, on_tag_conflict text)
+       priority integer, concurrency_key text, on_tag_conflict text, trace_context jsonb)
 RETURNING *
 
 -- name: insert_jobs_per_entry
@@ -41,13 +42,13 @@ WITH entry AS MATERIALIZED (
            delay_ms double precision, cron_schedule text, auto_reschedule_on_failure boolean,
            auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
            max_attempts integer, backoff text, timeout_seconds double precision, queue text,
-           priority integer, concurrency_key text, on_tag_conflict text)
+           priority integer, concurrency_key text, on_tag_conflict text, trace_context jsonb)
      ORDER BY a.ord
 ), inserted AS (
     INSERT INTO worker_jobs (
         id, tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
         auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-        timeout_seconds, queue, priority, concurrency_key, on_tag_conflict)
+        timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context)
     OVERRIDING SYSTEM VALUE
     SELECT e.id, e.tag, e.type, coalesce(e.user_id, 0), coalesce(e.data, '{}'::jsonb),
            coalesce(e.due, now() + coalesce(e.delay_ms, 0) * interval '1 millisecond'),
@@ -55,7 +56,7 @@ WITH entry AS MATERIALIZED (
            coalesce(e.auto_reschedule_on_failure_delay, 0), coalesce(e.remove_delay, 0),
            coalesce(e.persistent, false), e.max_attempts, coalesce(e.backoff, 'fixed'),
            e.timeout_seconds, coalesce(e.queue, 'default'), coalesce(e.priority, 0),
-           e.concurrency_key, coalesce(e.on_tag_conflict, 'replace')
+           e.concurrency_key, coalesce(e.on_tag_conflict, 'replace'), e.trace_context
       FROM entry AS e
      ORDER BY e.ord
     RETURNING *
@@ -70,7 +71,7 @@ SELECT i.*
 INSERT INTO worker_jobs (
     tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
     auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-    timeout_seconds, queue, priority, concurrency_key, on_tag_conflict)
+    timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context)
 VALUES (%(tag)s::text, %(type)s::text, coalesce(%(user_id)s::bigint, 0),
         coalesce(%(data)s::jsonb, '{}'::jsonb),
         coalesce(%(due)s::timestamptz,
@@ -81,7 +82,7 @@ VALUES (%(tag)s::text, %(type)s::text, coalesce(%(user_id)s::bigint, 0),
         %(max_attempts)s::integer, coalesce(%(backoff)s::text, 'fixed'),
         %(timeout_seconds)s::float8, coalesce(%(queue)s::text, 'default'),
         coalesce(%(priority)s::integer, 0), %(concurrency_key)s::text,
-        coalesce(%(on_tag_conflict)s::text, 'replace'))
+        coalesce(%(on_tag_conflict)s::text, 'replace'), %(trace_context)s::jsonb)
 RETURNING *
 
 -- name: tag_holders

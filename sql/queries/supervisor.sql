@@ -3,10 +3,17 @@
 -- name: release_worker_leases
 -- A worker process ended: end the leases of the unfinished jobs it still held now, so they are
 -- claimable at once (the claimer counts the run as lost) instead of at lease expiry, and wake
--- the other workers.
+-- the other workers. Records the lost run (0009_runs.sql): its wall time until now and the
+-- signal that killed the process (%(signal)s, NULL: it exited). The rescuing claim knows
+-- this was written by lease_expires_at = updated_at (both now(); a lease renewed by its worker
+-- always ends after the row's last update).
 WITH ended AS (
     UPDATE worker_jobs
-       SET lease_expires_at = now(), updated_at = now()
+       SET lease_expires_at = now(), updated_at = now(),
+           run_outcome = 'lost', lost_signal = %(signal)s::text,
+           run_wall_ms = extract(epoch FROM now() - started) * 1000,
+           run_cpu_ms = NULL, run_cpu_shared = NULL, run_peak_rss_bytes = NULL,
+           run_traceparent = NULL
      WHERE started IS NOT NULL AND finished IS NULL AND lease_owner = %(worker_id)s
     RETURNING id
 )

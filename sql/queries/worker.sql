@@ -81,7 +81,21 @@ UPDATE worker_jobs AS j
        lost_runs = j.lost_runs + picked.lost::int,
        lease_owner = %(owner)s,
        lease_expires_at = now() + %(lease_seconds)s * interval '1 second',
-       updated_at = now()
+       updated_at = now(),
+       -- A rescued run records the one lost (0009_runs.sql): the supervisor that saw its
+       -- worker die wrote how (release_worker_leases: lease_expires_at = updated_at);
+       -- otherwise the lease expired and nothing is known of that run.
+       run_outcome = CASE WHEN picked.lost THEN 'lost' ELSE j.run_outcome END,
+       lost_signal = CASE WHEN NOT picked.lost OR (j.run_outcome = 'lost'
+                                                    AND j.lease_expires_at = j.updated_at)
+                          THEN j.lost_signal END,
+       run_wall_ms = CASE WHEN NOT picked.lost OR (j.run_outcome = 'lost'
+                                                    AND j.lease_expires_at = j.updated_at)
+                          THEN j.run_wall_ms END,
+       run_cpu_ms = CASE WHEN picked.lost THEN NULL ELSE j.run_cpu_ms END,
+       run_cpu_shared = CASE WHEN picked.lost THEN NULL ELSE j.run_cpu_shared END,
+       run_peak_rss_bytes = CASE WHEN picked.lost THEN NULL ELSE j.run_peak_rss_bytes END,
+       run_traceparent = CASE WHEN picked.lost THEN NULL ELSE j.run_traceparent END
   FROM picked
  WHERE j.id = picked.id
 RETURNING j.*, picked.lost, picked.run_order
@@ -153,16 +167,31 @@ SELECT count(*) AS n,
 -- Returns one row of arrays.
 WITH outcome AS (
     -- Arrays as text literals and results as one JSON array: cheap to build in Python.
+    -- The run's figures (run_*: NULL outcome when the handler never ran, which keeps the
+    -- row's figures as they were) are one array each.
     SELECT * FROM ROWS FROM (unnest(%(ids)s::bigint[]), unnest(%(claims)s::integer[]),
                              unnest(%(success)s::boolean[]),
                              unnest(%(committed)s::boolean[]), unnest(%(dead)s::boolean[]),
-                             jsonb_array_elements(%(results)s::jsonb))
-           AS o(id, claims, success, committed, dead, result)
+                             jsonb_array_elements(%(results)s::jsonb),
+                             unnest(%(run_outcome)s::text[]), unnest(%(wall_ms)s::float8[]),
+                             unnest(%(cpu_ms)s::float8[]), unnest(%(cpu_shared)s::boolean[]),
+                             unnest(%(rss)s::bigint[]), unnest(%(traceparent)s::text[]))
+           AS o(id, claims, success, committed, dead, result, run_outcome, wall_ms, cpu_ms,
+                cpu_shared, rss, traceparent)
 ), done AS (
     UPDATE worker_jobs AS j
        SET finished = now(), success = o.success, result = nullif(o.result, 'null'::jsonb),
            lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
-           dead_at = CASE WHEN o.dead THEN now() END
+           dead_at = CASE WHEN o.dead THEN now() END,
+           run_outcome = coalesce(o.run_outcome, j.run_outcome),
+           run_wall_ms = CASE WHEN o.run_outcome IS NULL THEN j.run_wall_ms ELSE o.wall_ms END,
+           run_cpu_ms = CASE WHEN o.run_outcome IS NULL THEN j.run_cpu_ms ELSE o.cpu_ms END,
+           run_cpu_shared = CASE WHEN o.run_outcome IS NULL THEN j.run_cpu_shared
+                                 ELSE o.cpu_shared END,
+           run_peak_rss_bytes = CASE WHEN o.run_outcome IS NULL THEN j.run_peak_rss_bytes
+                                     ELSE o.rss END,
+           run_traceparent = CASE WHEN o.run_outcome IS NULL THEN j.run_traceparent
+                                  ELSE o.traceparent END
       FROM outcome AS o
      WHERE j.id = o.id AND j.claims = o.claims AND j.finished IS NULL AND NOT o.committed
     RETURNING j.*
@@ -171,32 +200,59 @@ WITH outcome AS (
       FROM worker_jobs AS j JOIN outcome AS o ON j.id = o.id AND j.claims = o.claims
      WHERE (%(again)s OR o.committed) AND j.finished IS NOT NULL
 ), committed_result AS (
+    -- The handler's transaction finished the row before the run ended: its result (if it
+    -- returned one after the block) and its figures come now.
     UPDATE worker_jobs AS j
-       SET result = nullif(o.result, 'null'::jsonb), updated_at = now()
+       SET result = CASE WHEN o.result <> 'null'::jsonb THEN o.result ELSE j.result END,
+           updated_at = now(),
+           run_outcome = coalesce(o.run_outcome, j.run_outcome),
+           run_wall_ms = coalesce(o.wall_ms, j.run_wall_ms),
+           run_cpu_ms = coalesce(o.cpu_ms, j.run_cpu_ms),
+           run_cpu_shared = coalesce(o.cpu_shared, j.run_cpu_shared),
+           run_peak_rss_bytes = coalesce(o.rss, j.run_peak_rss_bytes),
+           run_traceparent = coalesce(o.traceparent, j.run_traceparent)
       FROM outcome AS o
      WHERE j.id = o.id AND j.claims = o.claims AND j.finished IS NOT NULL AND o.committed
-       AND o.result <> 'null'::jsonb
+       AND (o.result <> 'null'::jsonb OR o.run_outcome IS NOT NULL)
     RETURNING j.id
 ), successor AS (
     INSERT INTO worker_jobs (
         tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
         auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
         timeout_seconds, queue, priority, concurrency_key, on_tag_conflict,
-        rescheduled_from_job, attempt)
+        rescheduled_from_job, attempt, trace_context)
     SELECT d.tag, d.type, d.user_id, d.data,
            coalesce(s.due, now() + s.delay_ms * interval '1 millisecond'),
            d.cron_schedule, d.auto_reschedule_on_failure, d.auto_reschedule_on_failure_delay,
            d.remove_delay, d.persistent, d.max_attempts, d.backoff, d.timeout_seconds, d.queue,
-           d.priority, d.concurrency_key, d.on_tag_conflict, d.id, s.attempt
+           d.priority, d.concurrency_key, d.on_tag_conflict, d.id, s.attempt,
+           -- A retry stays in its submitter's trace; a cron tick starts a trace of its own.
+           -- Both link to this run's span ("previous").
+           nullif(jsonb_strip_nulls(
+                      CASE WHEN s.due IS NULL THEN coalesce(d.trace_context, '{}') - 'previous'
+                           ELSE '{}'::jsonb END
+                      || jsonb_build_object('previous', d.run_traceparent)), '{}'::jsonb)
       FROM jsonb_to_recordset(%(successors)s::jsonb)
            AS s(from_id bigint, due timestamptz, delay_ms double precision, attempt integer)
       JOIN done AS d ON d.id = s.from_id
      ORDER BY s.from_id
     RETURNING id, rescheduled_from_job
 ), released AS (
+    -- Given back (preempted): the run's figures, as JSON (a rare path).
     UPDATE worker_jobs AS j
-       SET started = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
-      FROM unnest(%(release_ids)s::bigint[], %(release_claims)s::integer[]) AS r(id, claims)
+       SET started = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now(),
+           run_outcome = coalesce(r.run_outcome, j.run_outcome),
+           run_wall_ms = CASE WHEN r.run_outcome IS NULL THEN j.run_wall_ms ELSE r.wall_ms END,
+           run_cpu_ms = CASE WHEN r.run_outcome IS NULL THEN j.run_cpu_ms ELSE r.cpu_ms END,
+           run_cpu_shared = CASE WHEN r.run_outcome IS NULL THEN j.run_cpu_shared
+                                 ELSE r.cpu_shared END,
+           run_peak_rss_bytes = CASE WHEN r.run_outcome IS NULL THEN j.run_peak_rss_bytes
+                                     ELSE r.rss END,
+           run_traceparent = CASE WHEN r.run_outcome IS NULL THEN j.run_traceparent
+                                  ELSE r.traceparent END
+      FROM jsonb_to_recordset(%(released)s::jsonb)
+           AS r(id bigint, claims integer, run_outcome text, wall_ms float8, cpu_ms float8,
+                cpu_shared boolean, rss bigint, traceparent text)
      WHERE j.id = r.id AND j.claims = r.claims AND j.finished IS NULL
     RETURNING j.id
 )

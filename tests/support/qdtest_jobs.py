@@ -154,3 +154,29 @@ async def span(ctx: Any) -> dict[str, Any]:
         (job.id, job.claims),
     )
     return {"ok": True}
+
+
+@job("burnCpu")
+async def burn_cpu(ctx: Any) -> dict[str, Any]:
+    """Spin for ``data.seconds`` (default 0.5) of this process's CPU time, never yielding."""
+    end = time.process_time() + float(ctx.job.data.get("seconds", 0.5))
+    spins = 0
+    while time.process_time() < end:
+        spins += 1
+    return {"spins": spins}
+
+
+@job("allocate")
+async def allocate(ctx: Any) -> dict[str, Any]:
+    """Hold ``data.mb`` MiB of written (so resident) memory for ``data.hold`` seconds."""
+    block = b"\x01" * (int(ctx.job.data["mb"]) * 1024 * 1024)
+    await trio.sleep(float(ctx.job.data.get("hold", 0.5)))
+    del block
+    return {"held_mb": ctx.job.data["mb"]}
+
+
+@job("pidSleep")
+async def pid_sleep(ctx: Any) -> None:
+    """Write this process's pid to ``data.pid_file``, then sleep ``data.seconds`` (60)."""
+    await trio.Path(ctx.job.data["pid_file"]).write_text(f"{os.getpid()}\n")
+    await trio.sleep(float(ctx.job.data.get("seconds", 60)))

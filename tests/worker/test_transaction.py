@@ -43,6 +43,9 @@ def test_writes_and_completion_commit_together(ledger_db: str) -> None:
         assert stop(worker) == 0
     assert row["success"] is True
     assert sql(ledger_db, "SELECT job_id, claims FROM ledger") == [{"job_id": job_id, "claims": 1}]
+    # The run's figures come with the returned value, after the commit finished the row.
+    assert row["run_outcome"] == "returned" and row["run_wall_ms"] >= 0
+    assert row["run_cpu_ms"] is not None and row["run_peak_rss_bytes"] is not None
 
 
 def test_worker_killed_after_the_commit_the_job_is_done_once(ledger_db: str) -> None:
