@@ -25,9 +25,17 @@ from qdworker._events.tokens import mint
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("QDWORKER_CHROMIUM", "/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason=f"no chromium at {CHROMIUM} (./dev test installs it)"
-)
+
+
+@pytest.fixture(autouse=True)
+def _chromium_is_there() -> None:
+    """A missing browser fails the tests (it must not pass for a skip in CI)."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"no chromium at {CHROMIUM}: ./dev test installs it (apt-get install -y chromium, "
+            "as root), or set QDWORKER_CHROMIUM to a chromium binary"
+        )
+
 
 SECRET = "dashboard-browser-secret-0123456789abcdef"
 ADMIN_TOKEN = mint(SECRET, 1, 3600, admin=True)
