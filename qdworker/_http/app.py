@@ -8,9 +8,9 @@ Each route module (``health``, ...) exposes ``routes(state)``; :func:`build_app`
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
@@ -39,6 +39,12 @@ class SupervisorView(Protocol):
     """What the HTTP surface reads of the supervisor that serves it."""
 
     def worker_slots(self) -> Sequence[WorkerView]: ...
+    def tally_totals(self) -> Mapping[tuple[str, str], Mapping[str, Any]]:
+        """What its workers ran since it started, by (queue, type): the counts of
+        ``qdworker._protocol.TALLY_COUNTS``, ``run_hist`` and ``pickup_hist``."""
+
+    def service_figures(self) -> Mapping[str, int]:
+        """``websocket_clients``, ``events_dropped``, ``database_reconnects``."""
 
 
 @dataclass
@@ -65,7 +71,7 @@ class HttpState:
 
 def build_app(state: HttpState) -> Starlette:
     """The app with every route module's routes."""
-    from . import health
+    from . import health, metrics
 
-    routes: list[BaseRoute] = [*health.routes(state)]
+    routes: list[BaseRoute] = [*health.routes(state), *metrics.routes(state)]
     return Starlette(routes=routes)

@@ -64,6 +64,7 @@ class Run:
     deadline: float | None = None  # time.monotonic() of the job's timeout, read by a thread
     thread: threading.Thread | None = None  # a plain-def handler's thread
     thread_done: threading.Event | None = None
+    run_ms: float | None = None  # how long the handler ran (None: it never started)
 
     @property
     def holds_claim(self) -> bool:

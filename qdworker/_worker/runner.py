@@ -168,7 +168,10 @@ class Runner:
             ctx = self._context(run)
             if self._outbox.events_wanted:
                 self._outbox.event(job_event("started", run.job))
+            self._flow.tally.started(run.job)
+            began = time.monotonic()
             outcome = await execute(run, ctx)
+            run.run_ms = (time.monotonic() - began) * 1000.0
             if run.thread_running:
                 self._watch_thread(run)
         self._flow.done(run, outcome)
