@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import trio
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute
 
@@ -57,6 +58,9 @@ class HttpState:
     options: DbOptions
     supervisor: SupervisorView
     link: Link = field(init=False)
+    #: Where handlers may start work that outlives their request (cancelled when the server
+    #: stops); ``None``: they do the work inline.
+    background: trio.Nursery | None = None
 
     def __post_init__(self) -> None:
         self.link = Link(self.url, "http", self.options, persistent=False)

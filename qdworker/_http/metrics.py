@@ -8,11 +8,14 @@ Two kinds of figures (README, section "Metrics", lists every name):
   reconnects. Sum them over supervisors.
 * **The cluster's**, read from Postgres (the same on every supervisor: take one, or ``max``):
   jobs enqueued (counted by the insert trigger, so plain-SQL inserts count), queue depth,
-  running jobs, the oldest due job's age, live workers, cron lag. They are read at most once
-  per :data:`CLUSTER_MAX_AGE_SECONDS` (scrapes in between get the same figures) and within
-  :data:`CLUSTER_TIMEOUT_SECONDS`; if the database does not answer, the last figures are
-  served again and ``qdworker_cluster_figures_age_seconds`` says how old they are (none at all
-  before the first answer). A scrape never fails because of the database.
+  running jobs, the oldest due job's age, live workers, cron lag. The first scrape reads them;
+  later scrapes serve the figures read last and, when those are older than
+  :data:`CLUSTER_MAX_AGE_SECONDS` (or :data:`READ_COST_FACTOR` times what the last read
+  took), start a new read in the background (``HttpState.background``), so a scrape does not
+  wait for Postgres however many jobs wait. A read gives up after
+  :data:`CLUSTER_TIMEOUT_SECONDS`; ``qdworker_cluster_figures_age_seconds`` says how old the
+  figures served are (none at all before the first answer). A scrape never fails because of
+  the database.
 
 Who may read: whoever may read the dashboard (:func:`.auth.reader`: a ``viewer`` or ``admin``
 token, sent as ``Authorization: Bearer``, when ``QDWORKER_WS_SECRET`` is set).
@@ -46,8 +49,11 @@ logger = module_logger(__name__)
 
 #: Cluster figures are read from Postgres at most this often.
 CLUSTER_MAX_AGE_SECONDS: Final = 2.0
-#: A scrape waits at most this long for Postgres (then serves the last figures).
-CLUSTER_TIMEOUT_SECONDS: Final = 2.0
+#: ... and at most once per this many times the last read took (a read over a large backlog
+#: costs a few hundred ms: then Postgres spends at most 1/20 of a backend on them).
+READ_COST_FACTOR: Final = 20.0
+#: A read of the cluster figures gives up after this long (the last figures are served).
+CLUSTER_TIMEOUT_SECONDS: Final = 5.0
 
 _JOB_LABELS: Final = ["queue", "type"]
 #: Counters of the tally: (count name, metric name without ``_total``, help).
@@ -70,17 +76,33 @@ class _Cluster:
         self._lock = trio.Lock()
         self.figures: metrics_store.ClusterFigures | None = None
         self.read_at: float | None = None
+        self._read_seconds = 0.0  # how long the last read took
+
+    def _stale(self) -> bool:
+        if self.read_at is None:
+            return True
+        max_age = max(CLUSTER_MAX_AGE_SECONDS, READ_COST_FACTOR * self._read_seconds)
+        return trio.current_time() - self.read_at >= max_age
 
     async def refresh(self) -> None:
-        """Read the figures unless they are fresh; never raises (but cancellation)."""
+        """Make the figures fresh enough: the first read is awaited, later ones run in the
+        background (the scrape serves the figures it has). Never raises (but cancellation)."""
+        background = self._state.background
+        if self.figures is None or background is None:
+            await self._read()
+        elif self._stale() and not self._lock.locked():
+            background.start_soon(self._read)
+
+    async def _read(self) -> None:
         async with self._lock:
-            now = trio.current_time()
-            if self.read_at is not None and now - self.read_at < CLUSTER_MAX_AGE_SECONDS:
+            if not self._stale():
                 return
+            started = trio.current_time()
             with trio.move_on_after(CLUSTER_TIMEOUT_SECONDS):
                 try:
                     self.figures = await self._state.link.run(metrics_store.cluster_figures)
                     self.read_at = trio.current_time()
+                    self._read_seconds = self.read_at - started
                 except DatabaseError as exc:
                     logger.debug("metrics: cluster figures unavailable: %s", exc)
 

@@ -72,19 +72,11 @@ SELECT id, supervisor, host, pid, slot, restarts, rss_bytes, jobs_run, jobs_fail
  LIMIT %(limit)s
 
 -- name: cron_figures
--- Each cron schedule's chain (its unfinished row: one per tag and type) with its lag in
--- seconds: how late its current tick started (running), or how late it is so far (due, not
--- started), or how late the previous tick started (the next one is not due yet: read from the
--- row it was rescheduled from; NULL for a first tick). Each half reads its partial index.
-WITH chain AS (
-    SELECT id, tag, type, cron_schedule, due, started, rescheduled_from_job
-      FROM worker_jobs
-     WHERE started IS NULL AND finished IS NULL AND cron_schedule IS NOT NULL
-    UNION ALL
-    SELECT id, tag, type, cron_schedule, due, started, rescheduled_from_job
-      FROM worker_jobs
-     WHERE started IS NOT NULL AND finished IS NULL AND cron_schedule IS NOT NULL
-)
+-- Each cron schedule's chain (its unfinished row: one per tag and type, from
+-- worker_jobs_cron_open_idx) with its lag in seconds: how late its current tick started
+-- (running), or how late it is so far (due, not started), or how late the previous tick
+-- started (the next one is not due yet: read from the row it was rescheduled from; NULL for a
+-- first tick).
 SELECT c.type, c.tag, c.cron_schedule, c.due AS next_due, c.started IS NOT NULL AS running,
        CASE
          WHEN c.started IS NOT NULL THEN extract(epoch FROM c.started - c.due)
@@ -92,6 +84,7 @@ SELECT c.type, c.tag, c.cron_schedule, c.due AS next_due, c.started IS NOT NULL 
          ELSE (SELECT extract(epoch FROM p.started - p.due)
                  FROM worker_jobs AS p WHERE p.id = c.rescheduled_from_job)
        END::float8 AS lag_seconds
-  FROM chain AS c
+  FROM worker_jobs AS c
+ WHERE c.cron_schedule IS NOT NULL AND c.finished IS NULL
  ORDER BY c.type, c.tag
  LIMIT %(limit)s
