@@ -12,8 +12,8 @@ Errors: malformed tally entries are ignored (logged at debug). A flush that fail
 rows for the next one; one whose outcome is unknown (the connection broke during it) drops
 them rather than risk counting them twice (logged). Memory is bounded: at most
 :data:`MAX_PENDING_ROWS` bucket rows wait to be flushed (further ones are dropped and
-counted), and the totals hold one entry per (queue, type) the workers reported (bounded by
-their own :data:`~qdworker._worker._tally.MAX_KEYS` per heartbeat). Used from the trio thread.
+counted), and the totals at most :data:`MAX_TOTAL_KEYS` (queue, type) pairs. Used from the
+trio thread.
 """
 
 from __future__ import annotations
@@ -39,6 +39,10 @@ BUCKET_SECONDS: Final = 10
 FLUSH_SECONDS: Final = 5.0
 #: Bucket rows kept while the database is away (about 4 h of 10 busy (queue, type) pairs).
 MAX_PENDING_ROWS: Final = 15_000
+#: (queue, type) pairs kept in the totals; beyond them runs count under
+#: (:data:`OVERFLOW_NAME`, :data:`OVERFLOW_NAME`).
+MAX_TOTAL_KEYS: Final = 10_000
+OVERFLOW_NAME: Final = "(other)"
 #: Bound on the last flush at shutdown.
 FINAL_FLUSH_SECONDS: Final = 3.0
 
@@ -93,6 +97,8 @@ class Throughput:
         counts = {name: _count(entry.get(name)) for name in TALLY_COUNTS}
         run_hist = _hist(entry.get("run_hist"), len(RUN_BOUNDS_MS) + 1)
         pickup_hist = _hist(entry.get("pickup_hist"), len(PICKUP_BOUNDS_MS) + 1)
+        if key not in self._totals and len(self._totals) >= MAX_TOTAL_KEYS:
+            key = (OVERFLOW_NAME, OVERFLOW_NAME)
         total = self._totals.get(key)
         if total is None:
             total = self._totals[key] = {

@@ -26,7 +26,7 @@ from .._protocol import PICKUP_BOUNDS_MS, RUN_BOUNDS_MS, TALLY_COUNTS
 MAX_KEYS: Final = 500
 #: Where pairs beyond :data:`MAX_KEYS` are counted.
 OVERFLOW_QUEUE: Final = "(other)"
-#: Endings that count as failed runs (besides ``failed``: the job's own failures).
+#: The endings counted (a release or a discarded run is no outcome).
 _ENDINGS: Final = {"succeeded", "failed", "timed_out", "cancelled"}
 
 
