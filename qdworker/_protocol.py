@@ -21,7 +21,8 @@ bytes of UTF-8 JSON: an object with a string ``"kind"``. At most :data:`MAX_FRAM
 
 =====================  ==========================================================================
 ``worker-started``     ``{"worker_id", "pid"}``: the worker is ready
-``heartbeat``          ``{"running", "completed", "failed", "claimed"}``, every second
+``heartbeat``          ``{"running", "completed", "failed", "claimed", "tally"}``, every second;
+                       ``tally``: what ran since the last one, see :func:`heartbeat`
 ``worker-shutdown``    ``{"worker_id", "exit_code"}``: it is stopping
 ``worker-error``       ``{"error"}``: why it cannot start (before it exits)
 ``send-to-user``       ``{"user_id", "message"}``: for that user's websocket clients
@@ -260,6 +261,13 @@ HEARTBEAT: Final = "heartbeat"
 #: ``qdworker_throughput.pickup_ms_hist`` stores (one more entry counts what is above).
 PICKUP_BOUNDS_MS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000,
                            60000, 300000)  # fmt: skip
+#: Upper bounds (ms) of the run-duration histogram (one more entry counts what is above).
+RUN_BOUNDS_MS: Final = (5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000,
+                        300000, 900000, 3600000)  # fmt: skip
+#: The counts of one tally entry (a heartbeat's ``tally``), besides its queue, type and the
+#: histograms ``run_hist`` (:data:`RUN_BOUNDS_MS`) and ``pickup_hist`` (:data:`PICKUP_BOUNDS_MS`).
+TALLY_COUNTS: Final = ("started", "succeeded", "failed", "timed_out", "cancelled", "retried",
+                       "lost", "run_ms", "pickup_ms")  # fmt: skip
 WORKER_SHUTDOWN: Final = "worker-shutdown"
 WORKER_ERROR: Final = "worker-error"
 SEND_TO_USER: Final = "send-to-user"
@@ -286,13 +294,18 @@ def worker_started(worker_id: str, pid: int) -> dict[str, Any]:
     return {"kind": WORKER_STARTED, "worker_id": worker_id, "pid": pid}
 
 
-def heartbeat(*, running: int, completed: int, failed: int, claimed: int) -> dict[str, Any]:
+def heartbeat(
+    *, running: int, completed: int, failed: int, claimed: int, tally: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """``tally``: one entry per (queue, type) that had runs since the last heartbeat: its
+    ``queue``, ``type``, the :data:`TALLY_COUNTS` and the two histograms (deltas, not totals)."""
     return {
         "kind": HEARTBEAT,
         "running": running,
         "completed": completed,
         "failed": failed,
         "claimed": claimed,
+        "tally": tally,
     }
 
 

@@ -114,7 +114,8 @@ def test_status_counts_jobs_replaced_by_the_tag_rule_as_cancelled(db_url: str) -
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    counts = dict(line.split() for line in result.stdout.splitlines()[1:])
+    jobs_table = result.stdout.split("\n\n")[0]  # queues, workers, cron follow
+    counts = dict(line.split() for line in jobs_table.splitlines()[1:])
     assert counts == {
         "running": "0", "due": "1", "scheduled": "0", "succeeded": "0", "cancelled": "1",
         "failed": "1", "dead": "0", "total": "3",

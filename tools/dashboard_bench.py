@@ -7,9 +7,8 @@ the job page and the other pages' statements, and prints a Markdown table
 
 It runs on ``QDWORKER_TEST_DATABASE_URL``'s server, else an embedded Postgres of its own
 (data in /tmp/qdworker-dash-bench-pg), in a database it creates and drops. ``--index-cost``
-also measures what the partial index on ``rescheduled_from_job`` of the pending migration
-``tools/pending_migrations/0011_dashboard.sql`` costs inserts and saves the job page (the main
-table runs without it).
+also measures what the partial index on ``rescheduled_from_job`` of migration
+``sql/migrations/0011_dashboard.sql`` costs inserts and saves the job page.
 """
 
 from __future__ import annotations
@@ -30,7 +29,8 @@ from qdworker.testing import TestDatabases
 from qdworker.testing._databases import test_server
 
 DATA_DIR = Path("/tmp/qdworker-dash-bench-pg")
-MIGRATION_0011 = Path(__file__).resolve().parent / "pending_migrations" / "0011_dashboard.sql"
+ROOT = Path(__file__).resolve().parent.parent
+MIGRATION_0011 = ROOT / "sql" / "migrations" / "0011_dashboard.sql"
 CHUNK = 100_000
 
 FILL = """
@@ -108,8 +108,8 @@ def cases(conn: psycopg.Connection[Any], rows: int) -> dict[str, Callable[[], An
 
 
 def index_cost(conn: psycopg.Connection[Any], repeat: int) -> list[str]:
-    """Inserts (plain, and retries that set rescheduled_from_job) with and without the pending
-    migration's partial index, interleaved (index off, on, on, off, ...) so that the load of
+    """Inserts (plain, and retries that set rescheduled_from_job) with and without migration
+    0011's partial index, interleaved (index off, on, on, off, ...) so that the load of
     the machine weighs on both alike; each insert rolled back."""
     insert = ("INSERT INTO worker_jobs (type, rescheduled_from_job) SELECT 'x',"
               " CASE WHEN %s THEN i END FROM generate_series(1, 20000) AS i")  # fmt: skip

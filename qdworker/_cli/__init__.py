@@ -7,7 +7,7 @@ Subcommands (``run`` when none is given)::
     db url                 print the database URL (DATABASE_URL, or the running embedded server)
     db psql [ARGS...]      psql on the database (starts the embedded Postgres if needed)
     cancel ID [--reason R] cancel a job; prints cancelled / cancelling / finished / not_found
-    status                 jobs by status
+    status                 jobs by status, queues, workers, cron schedules (--json)
     queue ACTION           queues: list; pause / resume / reset NAME; set NAME --concurrency N
                            --key-concurrency N --rate N/PERIOD --fair --weight KEY=W
     jobs --dead [FILTERS]  dead jobs (failed for good), the latest death first
@@ -41,7 +41,7 @@ from .. import _logs as logs
 from .._benchmark.cli import COMMAND as BENCH
 from .._logs import module_logger
 from ..errors import ConfigError, QdworkerError
-from . import _db, _dead, _jobs, _queue, _run, _token
+from . import _db, _dead, _jobs, _queue, _run, _status, _token
 from ._command import PROG, ArgumentParser, Command, fail, load_config, settings_parser
 
 logger = module_logger(__name__)
@@ -50,7 +50,7 @@ logger = module_logger(__name__)
 COMMANDS: Final[dict[str, Command]] = {
     c.name: c
     for c in (
-        _run.COMMAND, _db.MIGRATE, _db.DB, _jobs.CANCEL, _jobs.STATUS, _dead.JOBS, _dead.RETRY,
+        _run.COMMAND, _db.MIGRATE, _db.DB, _jobs.CANCEL, _status.STATUS, _dead.JOBS, _dead.RETRY,
         _queue.COMMAND, _token.COMMAND, BENCH,
     )
 }  # fmt: skip

@@ -340,6 +340,8 @@ class Outage:
         self._down_since: float | None = None
         #: Outages seen by this process (statistics).
         self.outages = 0
+        #: Connections that replaced a broken one (:meth:`reconnected`; statistics).
+        self.reconnects = 0
 
     @property
     def down(self) -> bool:
@@ -357,6 +359,11 @@ class Outage:
             cause,
             RECONNECT_MAX_SECONDS,
         )
+
+    def reconnected(self) -> None:
+        """Count a connection that replaced one that broke."""
+        with self._lock:
+            self.reconnects += 1
 
     def reached(self) -> None:
         with self._lock:

@@ -312,6 +312,8 @@ class Link:
                 raise
             OUTAGE.reached()
             self.connects += 1
+            if self.connects > 1:
+                OUTAGE.reconnected()
             return conn
 
     async def run(self, fn: Callable[[Raw], T], *, idempotent: bool = False) -> T:

@@ -209,9 +209,11 @@ def heartbeat(
     concurrency: int,
     lease_seconds: float,
     runs: Sequence[tuple[int, int]],
+    report: Mapping[str, int | None],
 ) -> list[Renewal]:
-    """Register the worker and renew the leases of ``runs`` ((job id, claims) pairs); returns
-    the runs still held. Runs missing from the answer are no longer this worker's."""
+    """Register the worker with its ``report`` (slot, restarts, rss_bytes, jobs_run,
+    jobs_failed) and renew the leases of ``runs`` ((job id, claims) pairs); returns the runs
+    still held. Runs missing from the answer are no longer this worker's."""
     rows = raw.execute(
         statements.get("heartbeat"),
         {
@@ -224,14 +226,17 @@ def heartbeat(
             "lease_seconds": lease_seconds,
             "ids": int_array(job_id for job_id, _ in runs),
             "claims": int_array(claims for _, claims in runs),
+            **report,
         },
     ).fetchall()
     return [Renewal(int(row["id"]), bool(row["cancel_requested"])) for row in rows]
 
 
-def worker_exit(raw: Raw, *, owner: str, keep: Iterable[int]) -> int:
-    """Release every run leased to ``owner`` but ``keep``; mark the worker stopped."""
-    return int(_one(raw, "worker_exit", {"owner": owner, "keep": int_array(keep)})["n"])
+def worker_exit(raw: Raw, *, owner: str, keep: Iterable[int], report: Mapping[str, Any]) -> int:
+    """Release every run leased to ``owner`` but ``keep``; mark the worker stopped (with the
+    ``jobs_run`` and ``jobs_failed`` of its ``report``)."""
+    params = {"owner": owner, "keep": int_array(keep), **report}
+    return int(_one(raw, "worker_exit", params)["n"])
 
 
 def release_worker_leases(raw: Raw, worker_id: str, signal: str | None = None) -> int:

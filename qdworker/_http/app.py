@@ -9,10 +9,10 @@ joins them, and runs the tasks they put in :attr:`HttpState.background` for the 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 from starlette.applications import Starlette
@@ -42,6 +42,14 @@ class SupervisorView(Protocol):
     """What the HTTP surface reads of the supervisor that serves it."""
 
     def worker_slots(self) -> Sequence[WorkerView]: ...
+    def tally_totals(self) -> Mapping[tuple[str, str], Mapping[str, Any]]:
+        """What its workers ran since it started, by (queue, type): the counts of
+        ``qdworker._protocol.TALLY_COUNTS``, ``run_hist`` and ``pickup_hist``."""
+        ...
+
+    def service_figures(self) -> Mapping[str, int]:
+        """``websocket_clients``, ``events_dropped``, ``database_reconnects``."""
+        ...
 
 
 @dataclass
@@ -57,6 +65,9 @@ class HttpState:
     #: Tasks the route modules need while the app runs (e.g. the dashboard's live feed):
     #: started with the app, cancelled when it stops. Each must end only when cancelled.
     background: list[Callable[[], Awaitable[None]]] = field(init=False, default_factory=list)
+    #: Where handlers may start work that outlives their request (cancelled when the server
+    #: stops); ``None``: they do the work inline.
+    nursery: trio.Nursery | None = None
 
     def __post_init__(self) -> None:
         self.link = Link(self.url, "http", self.options, persistent=False)
@@ -71,9 +82,13 @@ class HttpState:
 
 def build_app(state: HttpState) -> Starlette:
     """The app with every route module's routes."""
-    from . import dashboard, health
+    from . import dashboard, health, metrics
 
-    routes: list[BaseRoute] = [*health.routes(state), *dashboard.routes(state)]
+    routes: list[BaseRoute] = [
+        *health.routes(state),
+        *metrics.routes(state),
+        *dashboard.routes(state),
+    ]
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -44,7 +44,7 @@ from .._db.connect import DbOptions
 from .._db.connection import Link
 from .._logs import module_logger
 from .._redact import redact
-from .process import Interest, MessageHandler, ProcessTimings, WorkerProcess
+from .process import Interest, MessageHandler, ProcessTimings, TallyHandler, WorkerProcess
 
 logger = module_logger(__name__)
 
@@ -145,8 +145,10 @@ class Child:
         supervisor_id: str | None = None,
         interest: Interest | None = None,
         timings: ChildTimings | None = None,
+        on_tally: TallyHandler | None = None,
     ) -> None:
         self._config = config
+        self._on_tally = on_tally
         self.index = index
         self._database_url = database_url
         self._on_message = on_message or _default_on_message
@@ -261,6 +263,8 @@ class Child:
             **{k: v for k, v in self._config.to_env().items() if k not in _CHILD_SECRETS},
             "DATABASE_URL": self._database_url,
             "QDWORKER_WORKER_ID": worker_id,
+            "QDWORKER_WORKER_SLOT": str(self.index),
+            "QDWORKER_WORKER_RESTARTS": str(self._restarts),
             **({"QDWORKER_SUPERVISOR_ID": self._supervisor_id} if self._supervisor_id else {}),
         }
 
@@ -275,6 +279,7 @@ class Child:
             worker_id, self._argv, self._environment(worker_id), on_message=self._on_message,
             interest=self._interest, shutdown_timeout=self._config.shutdown_timeout,
             timings=self._timings, stopping=self._stopping, hurry=self._hurry,
+            on_tally=self._on_tally,
         )  # fmt: skip
         try:
             exit_code = await proc.run(task_status=task_status or trio.TASK_STATUS_IGNORED)

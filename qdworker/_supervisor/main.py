@@ -47,7 +47,7 @@ from .. import _devdb as devdb
 from .._client import Queue
 from .._config import Config
 from .._db import migrate
-from .._db.connect import DbOptions
+from .._db.connect import OUTAGE, DbOptions
 from .._db.connection import connect, wait_until_reachable
 from .._events import websocket
 from .._events._hub_statistics import HubStatistics
@@ -61,6 +61,7 @@ from .._net import is_loopback
 from .._redact import redact
 from ..errors import ConfigError, EmbeddedDatabaseError
 from . import children as children_module
+from ._throughput import Throughput
 from .children import Child, ChildStatistics
 from .maintenance import run_maintenance
 from .process import Interest, MessageHandler
@@ -97,8 +98,11 @@ class Manager:
         hub: Hub,
         relay: Relay,
         stopped: trio.Event | None = None,
+        throughput: Throughput | None = None,
     ) -> None:
         self.config = config
+        #: What this supervisor's workers ran (``/metrics``, ``qdworker_throughput``).
+        self.throughput = throughput or Throughput(children_module.worker_id_prefix())
         #: The database URL (may contain a password: redact it before logging).
         self.url = url
         #: The websocket server's bound port, or ``None`` when it is disabled.
@@ -153,6 +157,16 @@ class Manager:
     def worker_slots(self) -> tuple[ChildStatistics, ...]:
         """A snapshot of each worker slot (the HTTP surface's view of this supervisor)."""
         return tuple(child.statistics() for child in self._children)
+
+    def tally_totals(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """What this supervisor's workers ran since it started, by (queue, type)."""
+        return self.throughput.totals()
+
+    def service_figures(self) -> dict[str, int]:
+        """Websocket clients, events dropped for slow clients, database reconnects."""
+        hub = self.hub.statistics()
+        return {"websocket_clients": hub.clients, "events_dropped": hub.dropped_clients,
+                "database_reconnects": OUTAGE.reconnects}  # fmt: skip
 
     def statistics(self) -> SupervisorStatistics:
         return SupervisorStatistics(
@@ -251,10 +265,11 @@ async def _serve_http(
     """The HTTP surface (:mod:`qdworker._http`) until cancelled; ``started(bound_port)``."""
     state = http_app.HttpState(manager.config, manager.url, options, manager)
     try:
-        app = http_app.build_app(state)
-        await http_server.serve(
-            app, manager.config.http_host, manager.config.http_port, task_status=task_status
-        )
+        async with trio.open_nursery() as state.nursery:  # e.g. metrics reading Postgres
+            app, config = http_app.build_app(state), manager.config
+            await http_server.serve(
+                app, config.http_host, config.http_port, task_status=task_status
+            )
     finally:
         with trio.CancelScope(shield=True):
             await state.aclose()
@@ -333,13 +348,15 @@ def _assemble(
 
     hub.on_clients_changed = relay.on_peers_changed = refresh_interest
     route = _router(hub, relay, on_message)
+    throughput = Throughput(supervisor_id)
     argv = children_module.DEFAULT_WORKER_ARGV if worker_argv is None else tuple(worker_argv)
     workers = [
         Child(config, index=i, database_url=url, on_message=route, argv=argv,
-              id_prefix=supervisor_id, supervisor_id=supervisor_id, interest=interest)
+              id_prefix=supervisor_id, supervisor_id=supervisor_id, interest=interest,
+              on_tally=throughput.add)
         for i in range(config.worker_count)
     ]  # fmt: skip
-    return Manager(config, url, workers, hub, relay, stopped)
+    return Manager(config, url, workers, hub, relay, stopped, throughput)
 
 
 async def _run(
@@ -356,6 +373,7 @@ async def _run(
             run_maintenance, manager.url, options, unknown_type_timeout=config.unknown_type_timeout
         )
         await services.start(maintenance)
+        await services.start(partial(manager.throughput.run, manager.url, options))
         if config.ws_enabled:
             settings = websocket.ServerSettings.from_config(config)
             manager.ws_port = await services.start(websocket.serve, manager.hub, settings)

@@ -1,6 +1,7 @@
 """Housekeeping every supervisor does for the whole cluster, every :data:`MAINTENANCE_SECONDS`
 (or a quarter of ``QDWORKER_UNKNOWN_TYPE_TIMEOUT`` when that is shorter, at least
-:data:`MIN_INTERVAL_SECONDS`): fail jobs of types no live worker runs, forget long-gone workers.
+:data:`MIN_INTERVAL_SECONDS`): fail jobs of types no live worker runs, forget long-gone workers,
+delete throughput buckets older than :data:`KEEP_THROUGHPUT_SECONDS`.
 
 Unknown job types: workers claim only the types they registered (``qdworker_workers``), so a
 job whose type nobody runs stays pending (a rolling deploy: the new type waits for the new
@@ -20,6 +21,7 @@ from typing import Final
 
 import trio
 
+from .._db import _metrics as metrics_store
 from .._db import store
 from .._db.connect import DbOptions
 from .._db.connection import Link
@@ -35,6 +37,8 @@ FAIL_BATCH: Final = 1000
 #: Registrations of workers not seen for this long are deleted (their types stop counting
 #: as recently known).
 FORGET_WORKERS_SECONDS: Final = 24 * 3600.0
+#: ``qdworker_throughput`` keeps this much history (the dashboard shows the last 24 h).
+KEEP_THROUGHPUT_SECONDS: Final = 25 * 3600.0
 
 
 async def _round(link: Link, unknown_type_timeout: float) -> None:
@@ -57,6 +61,9 @@ async def _round(link: Link, unknown_type_timeout: float) -> None:
                 unknown_type_timeout,
             )
     await conn.run(lambda raw: store.forget_workers(raw, older_than_seconds=FORGET_WORKERS_SECONDS))
+    await conn.run(
+        lambda raw: metrics_store.forget_throughput(raw, older_than_seconds=KEEP_THROUGHPUT_SECONDS)
+    )
 
 
 async def run_maintenance(

@@ -45,6 +45,8 @@ IPC_DRAIN_SECONDS: Final = 2.0
 #: ``on_message(worker_id, msg)``: receives ``send-to-user``, ``broadcast``, ``job-events``
 #: and unknown kinds. Called synchronously from the reader task; must not block.
 MessageHandler = Callable[[str, Mapping[str, Any]], object]
+#: ``on_tally(tally)``: a heartbeat's ``tally`` (unchecked); called from the reader task.
+TallyHandler = Callable[[Any], object]
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,10 @@ class WorkerProcess:
         timings: ProcessTimings,
         stopping: trio.Event,
         hurry: trio.Event,
+        on_tally: TallyHandler | None = None,
     ) -> None:
         self.worker_id = worker_id
+        self._on_tally = on_tally
         self._argv = list(argv)
         self._env = dict(env)
         self._on_message = on_message
@@ -275,6 +279,8 @@ class WorkerProcess:
             self.claimed = _count(msg.get("claimed"))
             self.completed = _count(msg.get("completed"))
             self.failed = _count(msg.get("failed"))
+            if self._on_tally is not None and msg.get("tally"):
+                self._on_tally(msg["tally"])
         elif kind == protocol.WORKER_STARTED:
             logger.info("worker %s started (pid %s)", self.worker_id, msg.get("pid"))
         elif kind == protocol.WORKER_SHUTDOWN:

@@ -262,13 +262,22 @@ class Completer:
             }
         return json.dumps(result)
 
-    def finish_params(
-        self, finishing: list[tuple[Run, Outcome]], releasing: list[Run]
-    ) -> dict[str, Any]:
-        """The ``finish`` statement's parameters: ``finishing`` runs with their outcomes,
-        ``releasing`` runs to give back."""
+    def _plan(self, finishing: list[tuple[Run, Outcome]]) -> list[_Successor | None]:
+        """Each finishing run's successor (a retry, the next cron tick) or None."""
         now = self._db_now()
-        planned = [self._successor(run, o, now) for run, o in finishing]
+        return [self._successor(run, o, now) for run, o in finishing]
+
+    def finish_params(
+        self,
+        finishing: list[tuple[Run, Outcome]],
+        releasing: list[Run],
+        planned: list[_Successor | None] | None = None,
+    ) -> dict[str, Any]:
+        """The ``finish`` statement's parameters: ``finishing`` runs with their outcomes
+        (and their ``planned`` successors, by default planned now), ``releasing`` runs to give
+        back."""
+        if planned is None:
+            planned = self._plan(finishing)
         successors = [s for s in planned if s is not None]
         dead = (_is_dead(o, s) for (_, o), s in zip(finishing, planned, strict=True))
         return {
@@ -307,7 +316,9 @@ class Completer:
             if run.outcome is not None and run.outcome.ending != "release"
         ]
         releasing = [run for run in batch if run.outcome and run.outcome.ending == "release"]
-        params = self.finish_params(finishing, releasing)
+        planned = self._plan(finishing)
+        params = self.finish_params(finishing, releasing, planned)
+        retrying = {s.from_id for s in planned if s is not None and s.attempt > 1}
         while True:
             try:
                 result = await self._link.run(lambda raw: store.finish(raw, params))
@@ -333,6 +344,9 @@ class Completer:
                     )
                 else:
                     self.written += 1
+                    retried = run.job.id in retrying and run.job.id in result.successors
+                    wall_ms = run.figures.wall_ms if run.figures is not None else None
+                    self._flow.tally.finished(run.job, outcome.ending, wall_ms, retried=retried)
                     if events:
                         self._event(run, outcome, finished, result.successors.get(run.job.id))
             self._flow.written(run)

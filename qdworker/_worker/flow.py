@@ -25,6 +25,7 @@ from typing import Final
 
 import trio
 
+from ._tally import Tally
 from .pacing import Pacer
 from .run import Outcome, Run, Stop
 from .wakeup import Wakeup
@@ -45,6 +46,8 @@ class Flow:
         self.completed = 0
         self.failed = 0
         self.pacer = Pacer()
+        #: What ran, by queue and type, since the last heartbeat (for the supervisor's metrics).
+        self.tally = Tally()
         #: Wakes the claimer: a NOTIFY, room freed while it wanted more, shutdown.
         self.wake = Wakeup()
         #: Set by the claimer when it found more work than it had room for.
@@ -81,6 +84,8 @@ class Flow:
     def add(self, run: Run) -> None:
         self.held[run.job.id] = run
         self.ready.append(run)
+        if run.lost:
+            self.tally.lost(run.job)
         self._runnable.set()
 
     # -- runner ------------------------------------------------------------------------------

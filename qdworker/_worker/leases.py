@@ -37,7 +37,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import psycopg
@@ -89,6 +89,11 @@ def _shutdown(raw: Raw) -> None:
         pass
 
 
+def no_report() -> dict[str, int | None]:
+    """What a worker without a supervisor reports with its heartbeat (no slot, no counts)."""
+    return {"slot": None, "restarts": 0, "rss_bytes": None, "jobs_run": 0, "jobs_failed": 0}
+
+
 class LeaseKeeper:
     """Owns a thread and its connection (:meth:`start` / :meth:`stop`) and two trio tasks
     (:meth:`tick`, :meth:`guard`); see the module docstring."""
@@ -103,8 +108,10 @@ class LeaseKeeper:
         supervisor: str | None,
         types: Sequence[str],
         lease_seconds: float,
+        report: Callable[[], Mapping[str, int | None]] | None = None,
     ) -> None:
         self._url = url
+        self._report = report or no_report  # called from the thread: must not block
         self._options = options
         self._flow = flow
         self._owner = owner
@@ -240,6 +247,7 @@ class LeaseKeeper:
                 concurrency=self._flow.concurrency,
                 lease_seconds=self._lease,
                 runs=[(run.job.id, run.job.claims) for run in held],
+                report=self._report(),
             )
         valid_until = sent + self._lease * VALID_FRACTION
         renewed = {r.job_id for r in renewals}

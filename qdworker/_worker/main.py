@@ -54,6 +54,20 @@ def _report(message: str) -> NoReturn:
     sys.exit(EXIT_STARTUP)
 
 
+def _slot_from_env() -> tuple[int | None, int]:
+    """This process's slot in its supervisor and how often the slot was restarted
+    (``QDWORKER_WORKER_SLOT``, ``QDWORKER_WORKER_RESTARTS``; None and 0 when missing)."""
+    try:
+        slot = int(os.environ["QDWORKER_WORKER_SLOT"])
+    except (KeyError, ValueError):
+        slot = None
+    try:
+        restarts = max(0, int(os.environ.get("QDWORKER_WORKER_RESTARTS", "0")))
+    except ValueError:
+        restarts = 0
+    return slot, restarts
+
+
 def main() -> None:
     """Entry point of a worker child. Exits with the worker's status."""
     worker_id = os.environ.get("QDWORKER_WORKER_ID") or (
@@ -87,7 +101,10 @@ def main() -> None:
         with_ipc = protocol.DEFAULT_IPC_FD_ENV_VAR in os.environ
         outbox = Outbox(protocol.child_stream_from_env() if with_ipc else None)
         supervisor = os.environ.get("QDWORKER_SUPERVISOR_ID") or None
-        return await Worker(cfg, worker_id, url, outbox, supervisor_id=supervisor).run()
+        slot, restarts = _slot_from_env()
+        return await Worker(
+            cfg, worker_id, url, outbox, supervisor_id=supervisor, slot=slot, restarts=restarts
+        ).run()
 
     try:
         code = trio.run(open_and_run)

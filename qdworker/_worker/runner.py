@@ -216,6 +216,7 @@ class Runner:
             ctx = self._context(run)
             if self._outbox.events_wanted:
                 self._outbox.event(job_event("started", run.job))
+            self._flow.tally.started(run.job)
             outcome = await execute(run, ctx)
             if run.thread_running:
                 self._watch_thread(run)

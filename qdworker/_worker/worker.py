@@ -35,6 +35,7 @@ from .._db.connection import Link
 from .._db.listen import Listener, Listening, Notification
 from .._logs import for_job, module_logger
 from ..errors import DatabaseError
+from ._tally import resident_bytes
 from .claimer import Claimer
 from .completer import Completer
 from .context import JobContext, JobDatabase
@@ -70,8 +71,12 @@ class Worker:
         outbox: Outbox,
         *,
         supervisor_id: str | None = None,
+        slot: int | None = None,
+        restarts: int = 0,
     ) -> None:
         self.cfg = cfg
+        self.slot = slot
+        self.restarts = restarts
         self.worker_id = worker_id
         self.url = url
         self.outbox = outbox
@@ -168,17 +173,25 @@ class Worker:
             return
         self.cancel_run(job_id, reason)
 
+    def _beat(self) -> dict[str, Any]:
+        return protocol.heartbeat(
+            running=self.flow.running,
+            completed=self.flow.completed,
+            failed=self.flow.failed,
+            claimed=self.claimer.claimed,
+            tally=self.flow.tally.take(),
+        )
+
     async def _heartbeat(self) -> None:
         while True:
-            await self.outbox.send(
-                protocol.heartbeat(
-                    running=self.flow.running,
-                    completed=self.flow.completed,
-                    failed=self.flow.failed,
-                    claimed=self.claimer.claimed,
-                )
-            )
+            await self.outbox.send(self._beat())
             await trio.sleep(HEARTBEAT_SECONDS)
+
+    def _report(self) -> dict[str, int | None]:
+        """What the lease keeper's registration reports (called from its thread)."""
+        completed, failed = self.flow.completed, self.flow.failed
+        return {"slot": self.slot, "restarts": self.restarts, "rss_bytes": resident_bytes(),
+                "jobs_run": completed + failed, "jobs_failed": failed}  # fmt: skip
 
     async def _exit_when_stuck(self, leases: LeaseKeeper) -> None:
         async with trio.open_nursery() as race:
@@ -243,7 +256,9 @@ class Worker:
         with trio.move_on_after(EXIT_STATEMENT_SECONDS) as scope:
             try:
                 released = await link.run(
-                    lambda raw: store.worker_exit(raw, owner=self.worker_id, keep=keep)
+                    lambda raw: store.worker_exit(
+                        raw, owner=self.worker_id, keep=keep, report=self._report()
+                    )
                 )
             except DatabaseError as exc:
                 logger.warning("could not release this worker's jobs at exit: %s", exc)
@@ -265,6 +280,7 @@ class Worker:
             supervisor=self.supervisor_id,
             types=self.types,
             lease_seconds=self.cfg.lease_seconds,
+            report=self._report,
         )
         send, receive = trio.open_memory_channel[Notification | Listening](NOTIFICATION_BUFFER)
         async with trio.open_nursery() as services:
@@ -297,6 +313,7 @@ class Worker:
             leases.stop()
             await self._exit_statement(abandoned)
             with trio.move_on_after(1.0):
+                await self.outbox.send(self._beat())  # the last counts
                 await self.outbox.send(protocol.worker_shutdown(self.worker_id, self.exit_code))
             await self.db.aclose()
             services.cancel_scope.cancel()

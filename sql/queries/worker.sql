@@ -298,13 +298,19 @@ RETURNING j.id, j.finished
 -- Every lease/3, from the lease keeper's thread: register this worker (or refresh it), and
 -- extend the leases of the runs it holds, fenced by claims (a run someone else rescued is not
 -- renewed: it is missing from the answer, and the worker stops it). Reports runs whose
--- cancellation was requested (a safety net for a lost qdworker_cancel notification).
+-- cancellation was requested (a safety net for a lost qdworker_cancel notification). With
+-- the registration go what the worker reports: its slot in its supervisor, how often that
+-- slot's process was restarted, its resident memory, the runs it finished and failed.
 WITH registration AS (
     INSERT INTO qdworker_workers AS w (id, supervisor, host, pid, types, concurrency,
-                                       lease_seconds)
+                                       lease_seconds, slot, restarts, rss_bytes, jobs_run,
+                                       jobs_failed)
     VALUES (%(owner)s, %(supervisor)s, %(host)s, %(pid)s, %(types)s::text[], %(concurrency)s,
-            %(lease_seconds)s)
-    ON CONFLICT (id) DO UPDATE SET seen_at = now(), stopped_at = NULL
+            %(lease_seconds)s, %(slot)s, %(restarts)s, %(rss_bytes)s, %(jobs_run)s,
+            %(jobs_failed)s)
+    ON CONFLICT (id) DO UPDATE
+        SET seen_at = now(), stopped_at = NULL, rss_bytes = excluded.rss_bytes,
+            jobs_run = excluded.jobs_run, jobs_failed = excluded.jobs_failed
 )
 UPDATE worker_jobs AS j
    SET lease_expires_at = now() + %(lease_seconds)s * interval '1 second'
@@ -316,7 +322,7 @@ RETURNING j.id, j.cancel_requested_at IS NOT NULL AS cancel_requested
 -- name: worker_exit
 -- A clean exit: give back every run still leased to this worker except %(keep)s (handlers
 -- that ignore cancellation: the supervisor releases those once the process is gone), and
--- mark the worker stopped.
+-- mark the worker stopped with its last counts (%(jobs_run)s, %(jobs_failed)s).
 WITH released AS (
     UPDATE worker_jobs
        SET started = NULL, lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
@@ -324,7 +330,10 @@ WITH released AS (
        AND id <> ALL(%(keep)s::bigint[])
     RETURNING id
 ), stopped AS (
-    UPDATE qdworker_workers SET stopped_at = now(), seen_at = now() WHERE id = %(owner)s
+    UPDATE qdworker_workers
+       SET stopped_at = now(), seen_at = now(), jobs_run = %(jobs_run)s,
+           jobs_failed = %(jobs_failed)s
+     WHERE id = %(owner)s
 )
 SELECT count(*) AS n,
        (SELECT count(*) FROM (SELECT pg_notify('qdworker_jobs', 'release')

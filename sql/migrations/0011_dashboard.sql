@@ -1,8 +1,5 @@
 -- qdworker 0011: what the dashboard needs to stay fast at millions of rows.
 -- Released migrations are never edited: add a new numbered file instead.
--- PENDING: this file moves to sql/migrations/ when the merge of issue 14 brings 0009 and 0010
--- (a gap in the numbers stops migrate.py, so it cannot live there on the dashboard's branch
--- alone). Until then tools/dashboard_bench.py applies it to its own database.
 
 -- A job page shows the attempts after a job (retries, redrives, cron ticks: the rows whose
 -- rescheduled_from_job is it). Without an index that is a scan of the whole table (270 ms at
