@@ -75,7 +75,7 @@ def _pickup(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def routes(state: HttpState) -> list[BaseRoute]:
-    feed = LiveFeed(state.url, state.options, state.supervisor)
+    feed = LiveFeed(state.url, state.options)
     state.background.append(feed.run)
     api = _Reads(state, feed)
     return [

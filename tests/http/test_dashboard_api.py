@@ -12,7 +12,9 @@ import psycopg
 import trio
 
 from qdworker import Config, Manager, serve
+from qdworker._benchmark import jobs as _bench_jobs  # noqa: F401  (the noop type)
 from qdworker._events.tokens import mint
+from qdworker.testing import InlineWorker
 
 SECRET = "dashboard-test-secret-0123456789abcdef"
 ADMIN = {"authorization": f"Bearer {mint(SECRET, 1, 3600, admin=True)}"}
@@ -336,4 +338,35 @@ async def test_development_mode_needs_no_token_on_loopback(db_url: str, sql: Any
                 "/api/jobs", headers={"host": f"evil.example:{manager.http_port}"}
             )
             assert rebound.status_code == 403
+        await manager.shutdown(immediate=True)
+
+
+async def test_live_signals_a_run_ending_and_costs_the_workers_no_events(
+    db_url: str, sql: Any
+) -> None:
+    """A job that a worker runs and finishes (no insert meanwhile) signals the open page; the
+    open page is not a websocket client: nobody asks the workers for job events."""
+    [job_id] = insert(sql, "('qdworker.bench.noop', '{}', 'default', 0, NULL)")
+    config = Config(database_url=db_url, worker_count=0, ws_enabled=False, http_port=0,
+                    ws_secret=SECRET, jobs=("qdworker._benchmark.jobs",))  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        manager: Manager = await nursery.start(serve, config)
+        base = f"http://127.0.0.1:{manager.http_port}"
+        async with (
+            httpx.AsyncClient(base_url=base, timeout=10) as client,
+            client.stream("GET", "/api/live", headers=VIEWER) as stream,
+        ):
+            lines = stream.aiter_lines()
+            assert (await anext(lines)).startswith("retry:")
+            await trio.sleep(2.5)  # the feed reads the write count once; the insert is counted
+            async with InlineWorker(db_url, types=["qdworker.bench.noop"]) as worker:
+                assert len(await worker.run_until_idle()) == 1
+            assert sql.execute(
+                "SELECT finished FROM worker_jobs WHERE id = %s", [job_id]
+            ).fetchone()["finished"]
+            assert manager.hub.client_count == 0
+            with trio.fail_after(5):
+                async for line in lines:
+                    if line == "event: change":
+                        break
         await manager.shutdown(immediate=True)
