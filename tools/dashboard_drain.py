@@ -15,6 +15,7 @@ the drain is timed by the database: ``min(started)`` -> ``max(finished)``. Needs
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import subprocess
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--page", default="jobs")
     args = parser.parse_args()
     rates: dict[str, list[float]] = {"without": [], "with": []}
+    # trio-asyncio (imported by qdworker) would hand playwright a loop it cannot drive.
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
     with PostgresServer.create() as pg, sync_playwright() as p:
         pg.start()
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])

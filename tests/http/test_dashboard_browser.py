@@ -7,6 +7,7 @@ README's picture), so that an ordinary run leaves the tree as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -78,12 +79,19 @@ def site(db_url: str, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    with playwright_sync.sync_playwright() as p:
-        launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-        try:
-            yield launched
-        finally:
-            launched.close()
+    # Once trio-asyncio is imported (qdworker's asyncio handlers), new_event_loop() outside trio
+    # makes a trio-asyncio loop, which playwright's sync API cannot drive: give this thread
+    # asyncio's own policy while the browser runs (trio-asyncio keeps it per thread).
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    try:
+        with playwright_sync.sync_playwright() as p:
+            launched = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            try:
+                yield launched
+            finally:
+                launched.close()
+    finally:
+        asyncio.set_event_loop_policy(None)
 
 
 def _page(browser: Any, token: str | None, errors: list[str]) -> Any:
