@@ -21,6 +21,8 @@ from runs import overlapping, read_runs, runs_per_job
 from qdworker.testing import PostgresServer, terminate_backends, worker_pids
 
 LEASE_SECONDS = 2.0
+#: The connections every worker process holds.
+PER_WORKER = ("qdworker-claim", "qdworker-complete", "qdworker-leases", "qdworker-listen")
 
 
 def test_outage_of_three_leases_while_handlers_keep_running(
@@ -92,6 +94,10 @@ def test_backends_terminated_during_a_drain(
         finished(pg_db, 200)
         workers = {*worker_pids(a.pid), *worker_pids(b.pid)}
         for kind in kinds:
+            if kind in PER_WORKER:  # each worker has (again) a connection of this kind
+                eventually(pg_db, "SELECT count(*) AS n FROM pg_stat_activity"
+                           f" WHERE application_name = '{kind}'",
+                           lambda rows: rows[0]["n"] == 4, timeout=10)  # fmt: skip
             terminated[kind] = terminate_backends(pg_db, application_name=kind)
             done = query(pg_db, "SELECT count(*) AS n FROM worker_jobs WHERE finished IS NOT NULL")
             finished(pg_db, done[0]["n"] + 100)  # progress between two faults
@@ -113,7 +119,7 @@ def test_backends_terminated_during_a_drain(
         )
         assert stop(a) == 0 and stop(b) == 0
     print("terminated:", terminated)
-    for kind in ("qdworker-claim", "qdworker-complete", "qdworker-leases", "qdworker-listen"):
+    for kind in PER_WORKER:
         assert terminated[kind] == 4, terminated  # one per worker
     assert terminated["all"] >= 10  # every connection open at that moment
     assert outcome_summary(pg_db) == {
