@@ -18,6 +18,9 @@ from .._logs import module_logger
 from .._net import normalize_host
 
 logger = module_logger(__name__)
+#: hypercorn's own lines (its errors; not its "Running on ..." line: the supervisor says that).
+_HYPERCORN_LOG = logging.getLogger("qdworker.http.hypercorn")
+_HYPERCORN_LOG.setLevel(logging.WARNING)
 
 #: How long requests in flight may take to finish when the server stops.
 GRACEFUL_SECONDS: Final = 2.0
@@ -35,7 +38,7 @@ def _config(host: str, port: int) -> HypercornConfig:
     config.keep_alive_timeout = KEEP_ALIVE_SECONDS
     config.wsgi_max_body_size = MAX_BODY_BYTES
     config.accesslog = None
-    config.errorlog = logging.getLogger("qdworker.http.server")
+    config.errorlog = _HYPERCORN_LOG
     return config
 
 
