@@ -9,7 +9,8 @@ Public API only, default settings:
   ``DATABASE_URL=$BENCH_DSN`` and ``QDWORKER_JOBS=peers_adapter`` so its worker children import
   this file and register the ``noop`` job type. SIGTERM from the driver reaches the supervisor,
   which stops its workers gracefully. Nothing else is set except logging at warning level and
-  the websocket port (``QDWORKER_WS_PORT=0``: any free port, so a busy 8765 cannot fail the run).
+  the websocket and HTTP ports (``QDWORKER_WS_PORT=0``, ``QDWORKER_HTTP_PORT=0``: any free
+  port, so a busy 8765 or 8766 cannot fail the run).
   Settings therefore are qdworker's defaults: one worker process, concurrency 10, NOTIFY wake-up
   plus 5 s poll, websocket server on.
 
@@ -99,7 +100,12 @@ class QdworkerAdapter(pycommon.Adapter):
     async def worker(self, events: pycommon.EventLog) -> None:
         del events  # the worker children write the events
         path = os.pathsep.join(p for p in (str(HERE), _ADAPTERS, os.environ.get("PYTHONPATH")) if p)
-        env = _env(QDWORKER_JOBS="peers_adapter", QDWORKER_WS_PORT="0", PYTHONPATH=path)
+        env = _env(
+            QDWORKER_JOBS="peers_adapter",
+            QDWORKER_WS_PORT="0",
+            QDWORKER_HTTP_PORT="0",
+            PYTHONPATH=path,
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os.execve(sys.executable, [sys.executable, "-m", "qdworker", "run"], env)

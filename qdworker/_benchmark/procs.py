@@ -3,9 +3,9 @@ seconds and resident memory of processes, read from ``/proc`` (Linux only).
 
 :class:`Supervisor` is ``python -m qdworker run`` with default settings except
 ``DATABASE_URL``, ``QDWORKER_JOBS`` (the no-op job type of :mod:`.jobs`), ``QDWORKER_WS_PORT=0``
-(any free port: the default 8765 may be taken) and whatever the caller adds (``WORKER_COUNT``
-for ``scaling``). Settings of the calling environment (``QDWORKER_*``, ``WORKER_*``, ``LOG_*``,
-``SOCKET_*``) are not passed on.
+and ``QDWORKER_HTTP_PORT=0`` (any free port: the defaults 8765 and 8766 may be taken) and
+whatever the caller adds (``WORKER_COUNT`` for ``scaling``). Settings of the calling
+environment (``QDWORKER_*``, ``WORKER_*``, ``LOG_*``, ``SOCKET_*``) are not passed on.
 
 The ``/proc`` readers return ``None`` where ``/proc`` is missing or unreadable, so the benchmark
 can say "not measured" instead of failing.
@@ -43,7 +43,14 @@ class Supervisor:
             for k, v in os.environ.items()
             if not k.startswith(("QDWORKER_", "WORKER_", "LOG_", "SOCKET_")) and k != "DATABASE_URL"
         }
-        env.update({"DATABASE_URL": url, "QDWORKER_JOBS": _JOBS_MODULE, "QDWORKER_WS_PORT": "0"})
+        env.update(
+            {
+                "DATABASE_URL": url,
+                "QDWORKER_JOBS": _JOBS_MODULE,
+                "QDWORKER_WS_PORT": "0",
+                "QDWORKER_HTTP_PORT": "0",
+            }
+        )
         env.update(settings)
         self.env = env
         self.log_path = log_path

@@ -5,7 +5,8 @@ Every workload gets a fresh scratch database (``qdworker_bench``, migrated) on o
 embedded Postgres in a temporary data dir of its own, or the server of ``DATABASE_URL``. The
 supervisor runs as a subprocess, ``python -m qdworker`` with default settings except
 ``DATABASE_URL``, ``QDWORKER_JOBS`` (the no-op job type of :mod:`.jobs`), ``QDWORKER_WS_PORT=0``
-(any free port: the default 8765 may be taken) and, for ``scaling``, ``WORKER_COUNT``.
+and ``QDWORKER_HTTP_PORT=0`` (any free port: the defaults 8765 and 8766 may be taken) and, for
+``scaling``, ``WORKER_COUNT``.
 
 Timings come from the database and the handler, never from polling: ``started`` (claim) and
 ``finished`` (completion commit) are the database's clock; the handler's start time is its
