@@ -27,6 +27,8 @@ class Job:
     ``run_outcome``; wall and CPU time; peak memory of the worker process; its span), and
     ``lost_signal`` the signal that killed the worker in its last lost run; ``trace_context``
     is the submitter's W3C trace context. See README, "Run figures" and "Tracing".
+    ``progress`` is the latest progress its handler reported (``ctx.progress``), or ``None``:
+    see README, "Progress".
     """
 
     id: int
@@ -70,6 +72,7 @@ class Job:
     lost_signal: str | None
     trace_context: dict[str, Any] | None
     run_traceparent: str | None
+    progress: dict[str, Any] | None = None
 
     @property
     def status(self) -> JobStatus:

@@ -337,7 +337,7 @@ def events_wanted(wanted: bool) -> dict[str, Any]:
 
 #: What a job event says happened.
 JOB_EVENT_KINDS: Final = frozenset(
-    {"started", "succeeded", "failed", "rescheduled", "cancelled", "timed_out"}
+    {"started", "progress", "succeeded", "failed", "rescheduled", "cancelled", "timed_out"}
 )
 
 
@@ -346,12 +346,18 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def job_event(
-    event: str, job: Job, *, finished: datetime | None = None, successor_id: int | None = None
+    event: str,
+    job: Job,
+    *,
+    finished: datetime | None = None,
+    successor_id: int | None = None,
+    progress: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A job event as workers send it (snake_case; :func:`job_event_for_client` gives the
-    clients' form). ``event`` is ``started``, ``succeeded``, ``failed``, ``timed_out``,
-    ``cancelled`` or ``rescheduled`` (with ``successor_id``). Never carries data or result."""
-    return {
+    clients' form). ``event`` is ``started``, ``progress`` (with ``progress``, the value the
+    row stores), ``succeeded``, ``failed``, ``timed_out``, ``cancelled`` or ``rescheduled``
+    (with ``successor_id``). Never carries the job's data or result."""
+    built: dict[str, Any] = {
         "event": event,
         "id": job.id,
         "tag": job.tag,
@@ -363,22 +369,26 @@ def job_event(
         "finished": _iso(finished),
         "successor_id": successor_id,
     }
+    if progress is not None:
+        built["progress"] = progress
+    return built
 
 
 def job_event_for_client(event: Mapping[str, Any]) -> dict[str, Any]:
-    """A worker's job event as websocket clients get it (QuickDapp-style camelCase)."""
-    return {
-        "type": "job",
-        "data": {
-            "event": event["event"],
-            "id": event["id"],
-            "tag": event.get("tag"),
-            "jobType": event.get("type"),
-            "userId": event["user_id"],
-            "attempt": event.get("attempt"),
-            "due": event.get("due"),
-            "started": event.get("started"),
-            "finished": event.get("finished"),
-            "successorId": event.get("successor_id"),
-        },
+    """A worker's job event as websocket clients get it (QuickDapp-style camelCase); a
+    ``progress`` event also has ``progress`` (``fraction``, ``message``, ``data``, ``at``)."""
+    data: dict[str, Any] = {
+        "event": event["event"],
+        "id": event["id"],
+        "tag": event.get("tag"),
+        "jobType": event.get("type"),
+        "userId": event["user_id"],
+        "attempt": event.get("attempt"),
+        "due": event.get("due"),
+        "started": event.get("started"),
+        "finished": event.get("finished"),
+        "successorId": event.get("successor_id"),
     }
+    if "progress" in event:
+        data["progress"] = event["progress"]
+    return {"type": "job", "data": data}

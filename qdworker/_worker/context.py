@@ -1,5 +1,5 @@
 """What a handler gets: ``ctx.job``, ``ctx.log``, ``ctx.db``, ``ctx.transaction()``,
-``ctx.notify_user`` and ``ctx.broadcast``.
+``ctx.notify_user``, ``ctx.broadcast`` and ``ctx.progress``.
 
 ``ctx.transaction()`` is how a handler's database writes happen exactly once::
 
@@ -36,6 +36,7 @@ from .._logs import for_job
 from .._model import Job
 from ..errors import ClaimLostError, DatabaseUnavailableError
 from .outbox import Outbox
+from .progress import REPORTED, ProgressWriter, Reported, RunProgress, progress_value
 from .run import Outcome, Run
 
 #: Parent of every job's logger adapter.
@@ -124,6 +125,7 @@ class JobContext:
         outbox: Outbox,
         worker_id: str,
         finish_params: FinishParams,
+        progress_writer: ProgressWriter | None = None,
     ) -> None:
         self.job: Job = run.job
         self.db = db
@@ -133,6 +135,8 @@ class JobContext:
         self._run = run
         self._outbox = outbox
         self._finish_params = finish_params
+        self._progress_writer = progress_writer
+        self._progress: RunProgress | None = None  # made on the first report
 
     @property
     def fencing_token(self) -> int:
@@ -185,6 +189,30 @@ class JobContext:
         protocol.check_message(message)
         await self._outbox.send(protocol.broadcast(message))
 
+    def progress(self, fraction: float, message: str | None = None, data: Any = None) -> Reported:
+        """Report how far the job got: ``await ctx.progress(0.4, "resizing", {"done": 4})``
+        from a coroutine, ``ctx.progress(0.4)`` from a plain-def handler (its thread). Never
+        waits: the latest value is stored in the row's ``progress`` (at most every 250 ms, the
+        last one before the outcome) and sent as a ``progress`` job event (README, "Progress").
+
+        Raises ``TypeError`` / ``ValueError`` for a fraction that is not a finite number in
+        [0, 1], a message that is not a string of at most 1024 characters, or data that is not
+        JSON of at most 16 KiB (only the call fails: catch it and the job goes on), and
+        ``RuntimeError`` after the run ended. Without a worker (inline tests) the value is
+        checked and dropped."""
+        value = progress_value(fraction, message, data)
+        if self._progress_writer is None:
+            return REPORTED
+        if self._progress is None:
+            self._progress = RunProgress(self._run)
+        self._progress_writer.report(self._progress, value)
+        return REPORTED
+
+    async def end_progress(self) -> None:
+        """The run ended (the runner calls this): write its last progress, if it reported."""
+        if self._progress is not None and self._progress_writer is not None:
+            await self._progress_writer.finish(self._progress)
+
 
 async def _rollback(conn: Connection) -> None:
     if conn.closed:
@@ -200,6 +228,7 @@ class AsyncioJobContext(JobContext):
 
     def __init__(self, base: JobContext) -> None:
         super().__init__(base._run, base.db, base._outbox, base.worker_id, base._finish_params)
+        self.progress = base.progress  # type: ignore[method-assign]
         import trio_asyncio
 
         self._base = base

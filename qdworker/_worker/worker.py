@@ -43,6 +43,7 @@ from .figures import METER
 from .flow import Flow
 from .leases import EXIT_STUCK, LeaseKeeper
 from .outbox import Outbox
+from .progress import ProgressWriter
 from .run import Run
 from .runner import Runner
 
@@ -107,12 +108,18 @@ class Worker:
             timezone=cfg.timezone,
             clock_offset=lambda: self.claimer.clock_offset,
         )
+        self.progress = ProgressWriter(url, self.options, outbox, worker_id)
         self.runner = Runner(self.flow, outbox, self._context, max_lost_runs=cfg.max_lost_runs)
         self.listener = Listener(url, (JOBS_CHANNEL, CANCEL_CHANNEL, QUEUES_CHANNEL), self.options)
 
     def _context(self, run: Run) -> JobContext:
         return JobContext(
-            run, self.db, self.outbox, self.worker_id, self.completer.transaction_params
+            run,
+            self.db,
+            self.outbox,
+            self.worker_id,
+            self.completer.transaction_params,
+            self.progress,
         )
 
     # -- control -----------------------------------------------------------------------------
@@ -288,6 +295,7 @@ class Worker:
             services.start_soon(self._signals)
             services.start_soon(self._supervisor_gone)
             await services.start(self.completer.run)
+            await services.start(self.progress.run)
             await services.start(self.listener.run, send)
             services.start_soon(self._notifications, receive)
             leases.start()
