@@ -62,7 +62,7 @@ def check_rate(seen: list[dict[str, Any]], row: dict[str, Any]) -> None:
     fractions = [value["fraction"] for value in seen]
     assert fractions == sorted(fractions)  # in order, never an older value over a newer one
     assert seen[-1] == row["progress"]
-    print(f"{len(seen)} distinct values seen in {seconds:.2f} s")  # noqa: T201
+    print(f"{len(seen)} distinct values seen in {seconds:.2f} s")
 
 
 def test_a_tight_loop_writes_a_few_times_a_second_and_the_last_value_lands(jobs_db: str) -> None:
