@@ -208,7 +208,7 @@ class JobContext:
         self._progress_writer.report(self._progress, value)
         return REPORTED
 
-    async def end_progress(self) -> None:
+    async def _end_progress(self) -> None:
         """The run ended (the runner calls this): write its last progress, if it reported."""
         if self._progress is not None and self._progress_writer is not None:
             await self._progress_writer.finish(self._progress)

@@ -218,7 +218,7 @@ class Runner:
                 self._outbox.event(job_event("started", run.job))
             self._flow.tally.started(run.job)
             outcome = await execute(run, ctx)
-            await ctx.end_progress()  # its last progress lands before its outcome
+            await ctx._end_progress()  # its last progress lands before its outcome
             if run.thread_running:
                 self._watch_thread(run)
         self._flow.done(run, outcome)
