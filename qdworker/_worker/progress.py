@@ -121,12 +121,16 @@ class RunProgress:
             told, self._waiting = self._waiting, True
         return not told
 
-    def take(self, *, end: bool = False) -> dict[str, Any] | None:
-        """The latest unwritten value (trio thread); ``end``: no more reports after it."""
+    def end(self) -> None:
+        """The run ended: later reports raise (its last value may still be taken)."""
+        with self._lock:
+            self._ended = True
+
+    def take(self) -> dict[str, Any] | None:
+        """The latest unwritten value (trio thread)."""
         with self._lock:
             value, self._latest = self._latest, None
             self._waiting = False
-            self._ended = self._ended or end
         return value
 
 
@@ -189,19 +193,20 @@ class ProgressWriter:
             for progress in ready:
                 del self._waiting[progress.run.job.id]
                 progress.next_write = now + MIN_WRITE_INTERVAL_SECONDS
-            await self._write(ready, end=False)
+            await self._write(ready)
 
     async def finish(self, progress: RunProgress) -> None:
         """The run ended: write its last value now (bounded by :data:`FINISH_SECONDS`)."""
+        progress.end()
         self._waiting.pop(progress.run.job.id, None)
         with trio.move_on_after(FINISH_SECONDS) as scope:
-            await self._write([progress], end=True)
+            await self._write([progress])
         if scope.cancelled_caught:
             logger.warning("job %d: its last progress was not written in time", progress.run.job.id)
 
-    async def _write(self, runs: list[RunProgress], *, end: bool) -> None:
+    async def _write(self, runs: list[RunProgress]) -> None:
         async with self._lock:
-            taken = [(p.run, p.take(end=end)) for p in runs]
+            taken = [(p.run, p.take()) for p in runs]
             entries = [(run, value) for run, value in taken if value is not None]
             if not entries:
                 return
