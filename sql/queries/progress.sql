@@ -1,5 +1,5 @@
 -- The progress handlers report (ctx.progress): see qdworker/_worker/progress.py and
--- sql/migrations/0013_progress.sql.
+-- sql/migrations/0012_progress.sql.
 
 -- name: write_progress
 -- The latest progress of a batch of runs, each fenced by its claim: written only while the run

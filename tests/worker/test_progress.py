@@ -1,4 +1,4 @@
-"""ctx.progress on real worker processes and real Postgres (migration 0013): rate-limited
+"""ctx.progress on real worker processes and real Postgres (migration 0012): rate-limited
 writes of the latest value, plain-def handlers, invalid reports, the claim fence."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
--- qdworker 0013: the progress a running handler reports (ctx.progress), the latest value only.
+-- qdworker 0012: the progress a running handler reports (ctx.progress), the latest value only.
 -- Released migrations are never edited: add a new numbered file instead.
 --
 -- {"fraction": 0..1, "message": text or null, "data": JSON or null, "at": ISO 8601 time of
