@@ -27,6 +27,11 @@ class Job:
     ``run_outcome``; wall and CPU time; peak memory of the worker process; its span), and
     ``lost_signal`` the signal that killed the worker in its last lost run; ``trace_context``
     is the submitter's W3C trace context. See README, "Run figures" and "Tracing".
+
+    ``depends_on`` names the jobs this one waits for (their retry chains); ``waiting_on`` is
+    how many have not finished; ``on_parent_failure`` is ``'cancel'`` or ``'run'``;
+    ``has_dependents`` says an unfinished job depends on this row. See README, "Dependencies
+    and batches".
     """
 
     id: int
@@ -70,6 +75,10 @@ class Job:
     lost_signal: str | None
     trace_context: dict[str, Any] | None
     run_traceparent: str | None
+    depends_on: list[int] | None
+    on_parent_failure: str
+    waiting_on: int
+    has_dependents: bool
 
     @property
     def status(self) -> JobStatus:
@@ -103,4 +112,6 @@ USER_FIELDS: tuple[str, ...] = (
     "priority",
     "concurrency_key",
     "on_tag_conflict",
+    "depends_on",
+    "on_parent_failure",
 )
