@@ -91,6 +91,15 @@ class Job:
         return "pending" if self.started is None else "running"
 
 
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """What ``submit_jobs(..., then=...)`` inserted: the batch's ``jobs`` (in the order given)
+    and the ``then`` job, which depends on every one of them."""
+
+    jobs: list[Job]
+    then: Job
+
+
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Job))
 
 #: Columns a user may set when submitting a job (API and SQL).

@@ -109,9 +109,7 @@ def test_a_retried_parent_carries_its_dependents_to_the_retry(sql: Any) -> None:
     assert _row(sql, retry)["has_dependents"]
     _finish(sql, retry)
     assert _row(sql, child)["is_due"]
-    parents = sql.execute(
-        "SELECT * FROM qdworker_parent_results(%s)", (child,)
-    ).fetchall()
+    parents = sql.execute("SELECT * FROM qdworker_parent_results(%s)", (child,)).fetchall()
     assert [(r["parent"], r["final_id"], r["result"]) for r in parents] == [
         (parent, retry, {"from": retry})
     ]
@@ -122,8 +120,7 @@ def test_a_child_named_after_the_retry_follows_the_chain(sql: Any) -> None:
     _finish(sql, parent, success=False)
     [retry] = [
         sql.execute(
-            "INSERT INTO worker_jobs (type, rescheduled_from_job) VALUES ('noop', %s) "
-            "RETURNING id",
+            "INSERT INTO worker_jobs (type, rescheduled_from_job) VALUES ('noop', %s) RETURNING id",
             (parent,),
         ).fetchone()["id"]
     ]
