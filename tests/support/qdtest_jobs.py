@@ -203,3 +203,12 @@ async def flaky(ctx: Any) -> dict[str, Any]:
     if ctx.job.attempt < 2:
         raise RuntimeError("first attempt fails")
     return {"v": ctx.job.data.get("v"), "attempt": ctx.job.attempt}
+
+
+@job("tally")
+async def tally(ctx: Any) -> dict[str, Any]:
+    """A parent: records which worker ran it; returns its ``v``."""
+    await ctx.db.execute(
+        "INSERT INTO test_runs (job_id, worker_id) VALUES (%s, %s)", (ctx.job.id, ctx.worker_id)
+    )
+    return {"v": ctx.job.data.get("v")}
