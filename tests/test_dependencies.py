@@ -5,6 +5,7 @@ on_parent_failure='run'), batches with ``then``, and the client's field checks."
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import psycopg
@@ -179,3 +180,43 @@ async def test_a_batch_with_then_in_the_callers_transaction(db_url: str) -> None
     assert batch.then.depends_on == [j.id for j in batch.jobs]
     assert (batch.then.waiting_on, batch.then.on_parent_failure) == (2, "run")
     assert batch.then.id > max(j.id for j in batch.jobs)
+
+
+def test_overlapping_fan_ins_across_two_supervisors_run_each_child_once(runs_db: str) -> None:
+    """Children sharing parents, whose parents finish in batches on four workers: the
+    count-offs of different children in one batch must neither deadlock nor be lost."""
+    rng = random.Random(15)
+    parents = [
+        r["id"]
+        for r in _sql(
+            runs_db,
+            "INSERT INTO worker_jobs (type, data) "
+            "SELECT 'tally', jsonb_build_object('v', i) FROM generate_series(1, 300) AS i "
+            "RETURNING id",
+        )
+    ]
+    children = {}
+    for _ in range(60):
+        named = sorted(rng.sample(parents, 25))
+        [row] = _sql(
+            runs_db,
+            "INSERT INTO worker_jobs (type, depends_on) VALUES ('merge', %s) RETURNING id",
+            (named,),
+        )
+        children[row["id"]] = named
+    unfinished = "SELECT count(*) AS n FROM worker_jobs WHERE finished IS NULL AND type = 'merge'"
+    with two_supervisors(runs_db, QDWORKER_CONCURRENCY="8"):
+        wait_for(runs_db, unfinished, lambda rows: rows[0]["n"] == 0, timeout=120)
+    runs = _sql(
+        runs_db,
+        "SELECT job_id, count(*) AS n FROM test_runs WHERE job_id = ANY(%s) GROUP BY job_id",
+        (list(children),),
+    )
+    assert {r["job_id"]: r["n"] for r in runs} == dict.fromkeys(children, 1)
+    for child_id, named in children.items():
+        child = _job(runs_db, child_id)
+        assert child["success"] is True and child["result"]["n"] == len(named)
+        [last] = _sql(
+            runs_db, "SELECT max(finished) AS at FROM worker_jobs WHERE id = ANY(%s)", (named,)
+        )
+        assert child["started"] >= last["at"]

@@ -145,3 +145,25 @@ def test_the_claim_stops_before_waiting_jobs(sql: Any) -> None:
     assert "worker_jobs_queue_pending_idx" in plan and "Index Cond" in plan
     assert "9000-01-01" in plan.split("Index Cond")[1]
     assert _row(sql, child)["due"].year == 9999
+
+
+def test_the_limited_queue_claim_skips_waiting_jobs(sql: Any) -> None:
+    [parent] = [
+        sql.execute(
+            "INSERT INTO worker_jobs (type, queue) VALUES ('noop', 'q') RETURNING id"
+        ).fetchone()["id"]
+    ]
+    child = sql.execute(
+        "INSERT INTO worker_jobs (type, queue, depends_on) VALUES ('noop', 'q', %s) RETURNING id",
+        ([parent],),
+    ).fetchone()["id"]
+    claimed = sql.execute(
+        "SELECT id FROM qdworker_claim_in_order('q', 'w', ARRAY['noop'], 10, 30, now())"
+    ).fetchall()
+    assert [r["id"] for r in claimed] == [parent]
+    sql.execute("INSERT INTO worker_queues (name, key_concurrency) VALUES ('q', 1)")
+    queue = "(SELECT w FROM worker_queues AS w WHERE name = 'q')"
+    by_key = f"SELECT id FROM qdworker_claim_by_key({queue}, 'w', ARRAY['noop'], 10, 30, now())"
+    assert sql.execute(by_key).fetchall() == []  # the parent is running; the child waits
+    _finish(sql, parent)
+    assert [r["id"] for r in sql.execute(by_key).fetchall()] == [child]
