@@ -95,6 +95,10 @@ class Queue:
         To know which happened, put something unique to the call in ``data`` (a request id)
         and look for it in the returned job's ``data``: creation times and ids do not tell
         reliably. Concurrent keep-mode submissions of one tag leave one unfinished job.
+
+        ``depends_on=[ids]`` makes it wait until those jobs succeeded (README, "Dependencies
+        and batches"); an id with no row raises :class:`~qdworker.errors.DatabaseError`
+        (SQLSTATE 23503) naming it, and nothing is written.
         """
         prepared = prepare_job(fields)
         if prepared.get("on_tag_conflict") == "keep":

@@ -14,7 +14,7 @@ from procs import all_finished, running, start_worker, wait_for
 from psycopg.rows import dict_row
 from spans import two_supervisors
 
-from qdworker import Batch, InvalidJobError, Queue
+from qdworker import Batch, DatabaseError, InvalidJobError, Queue
 
 FAN_IN = 1_000
 WORKERS = "SELECT count(*) AS n FROM qdworker_workers WHERE stopped_at IS NULL"
@@ -152,8 +152,9 @@ async def test_submit_job_with_depends_on_and_the_checks(db_url: str) -> None:
                 await queue.submit_job(type="merge", **bad)
         with pytest.raises(InvalidJobError, match="on_parent_failure"):
             await queue.submit_job(type="merge", depends_on=[parent.id], on_parent_failure="x")
-        with pytest.raises(Exception, match=f"job {parent.id + 10_000}"):
+        with pytest.raises(DatabaseError, match=f"job {parent.id + 10_000}") as missing:
             await queue.submit_job(type="merge", depends_on=[parent.id + 10_000])
+        assert missing.value.sqlstate == "23503"  # foreign_key_violation
         with pytest.raises(InvalidJobError, match="at least one job"):
             await queue.submit_jobs([], then={"type": "merge"})
         with pytest.raises(InvalidJobError, match="keep"):
