@@ -167,3 +167,11 @@ def test_the_limited_queue_claim_skips_waiting_jobs(sql: Any) -> None:
     assert sql.execute(by_key).fetchall() == []  # the parent is running; the child waits
     _finish(sql, parent)
     assert [r["id"] for r in sql.execute(by_key).fetchall()] == [child]
+
+
+def test_plain_sql_cannot_set_the_bookkeeping_columns(sql: Any) -> None:
+    row = sql.execute(
+        "INSERT INTO worker_jobs (type, waiting_on, has_dependents) VALUES ('noop', 3, true) "
+        "RETURNING waiting_on, has_dependents, due <= now() AS is_due"
+    ).fetchone()
+    assert row == {"waiting_on": 0, "has_dependents": False, "is_due": True}

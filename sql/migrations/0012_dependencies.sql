@@ -121,9 +121,12 @@ BEGIN
 END;
 $$;
 
+-- Only rows that name parents or set the bookkeeping columns call it: a plain insert pays for
+-- the WHEN test alone.
 CREATE TRIGGER worker_jobs_depends_insert
     BEFORE INSERT ON worker_jobs
-    FOR EACH ROW EXECUTE FUNCTION qdworker_depends_insert();
+    FOR EACH ROW WHEN (NEW.depends_on IS NOT NULL OR NEW.waiting_on <> 0 OR NEW.has_dependents)
+    EXECUTE FUNCTION qdworker_depends_insert();
 
 -- A flagged row finished. If it was retried, its successor carries the flag (the finish
 -- statement copies it) and nothing happens. Otherwise its chain ended: each unfinished
