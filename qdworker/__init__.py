@@ -11,7 +11,7 @@ from __future__ import annotations
 from ._client import CancelOutcome, Queue
 from ._config import Config
 from ._events.tokens import ws_token
-from ._model import Job, JobStatus
+from ._model import Batch, Job, JobStatus
 from ._queues import QueueInfo
 from ._registry import Context, CronJob, cron, job, on_startup
 from ._supervisor.main import Manager, serve
@@ -34,6 +34,7 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Batch",
     "CancelOutcome",
     "ClaimLostError",
     "Config",

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast, overload
 
 import psycopg
 
 from . import _queues as queues
 from . import _tracing as tracing
+from ._db import _batches as batches
 from ._db import statements, store
 from ._db.connect import DEFAULT_TIMEOUT_SECONDS, DbOptions, translate
 from ._db.connection import Connection, Link
@@ -35,7 +36,7 @@ from ._fields import (
     dead_filters,
     prepare_job,
 )
-from ._model import USER_FIELDS, Job
+from ._model import USER_FIELDS, Batch, Job
 from ._queues import QueueInfo
 from .errors import DatabaseError, InvalidJobError
 
@@ -94,6 +95,10 @@ class Queue:
         To know which happened, put something unique to the call in ``data`` (a request id)
         and look for it in the returned job's ``data``: creation times and ids do not tell
         reliably. Concurrent keep-mode submissions of one tag leave one unfinished job.
+
+        ``depends_on=[ids]`` makes it wait until those jobs succeeded (README, "Dependencies
+        and batches"); an id with no row raises :class:`~qdworker.errors.DatabaseError`
+        (SQLSTATE 23503) naming it, and nothing is written.
         """
         prepared = prepare_job(fields)
         if prepared.get("on_tag_conflict") == "keep":
@@ -108,25 +113,46 @@ class Queue:
             return cast(Job, job)
         return await self._run(lambda raw: store.insert_job(raw, params))
 
+    @overload
     async def submit_jobs(
-        self, jobs: Iterable[Mapping[str, Any]], *, connection: Any = None
-    ) -> list[Job]:
+        self, jobs: Iterable[Mapping[str, Any]], *, then: None = None, connection: Any = None
+    ) -> list[Job]: ...
+
+    @overload
+    async def submit_jobs(
+        self, jobs: Iterable[Mapping[str, Any]], *, then: Mapping[str, Any], connection: Any = None
+    ) -> Batch: ...
+
+    async def submit_jobs(
+        self,
+        jobs: Iterable[Mapping[str, Any]],
+        *,
+        then: Mapping[str, Any] | None = None,
+        connection: Any = None,
+    ) -> list[Job] | Batch:
         """Insert many jobs in one statement; return them in the order given.
 
         For an entry with ``on_tag_conflict="keep"`` the list holds the job kept instead, if
         any (see :meth:`submit_job`). Entries are inserted in order, so of keep-mode entries
         sharing a tag the first may be inserted and the later ones get it. A batch with
         keep-mode entries runs in one transaction: the insert, then the read of the jobs kept.
+
+        With ``then`` (the fields of one more job), that job depends on every job of the
+        batch (fan-in: it runs once they all succeeded, see ``depends_on``), all inserted in
+        one statement; the result is a :class:`Batch`. Keep-mode entries are refused with it
+        (:class:`~qdworker.errors.InvalidJobError`), as is an empty batch.
         """
         prepared = [prepare_job(fields) for fields in jobs]
         if len(prepared) > MAX_BATCH:
             raise InvalidJobError(f"submit_jobs takes at most {MAX_BATCH} jobs per call")
-        if not prepared:
-            return []
         trace_context = tracing.current_context()
         if trace_context is not None:
             for entry in prepared:
                 entry["trace_context"] = trace_context
+        if then is not None:
+            return await self._with_then(prepared, batches.prepare_then(prepared, then), connection)
+        if not prepared:
+            return []
         if any(entry.get("on_tag_conflict") == "keep" for entry in prepared):
             return await self._keeping(prepared, connection)
         if connection is not None:
@@ -134,6 +160,14 @@ class Queue:
             inserted = await _on_callers(connection, steps)
             return sorted(inserted, key=lambda job: job.id)
         return await self._run(lambda raw: store.insert_jobs(raw, prepared))
+
+    async def _with_then(
+        self, prepared: list[dict[str, Any]], then: dict[str, Any], connection: Any
+    ) -> Batch:
+        params = batches.then_params(prepared, then)
+        if connection is not None:
+            return await _on_callers(connection, batches.then_steps(params))
+        return await self._run(lambda raw: store.run_steps(raw, batches.then_steps(params)))
 
     async def _keeping(self, prepared: list[dict[str, Any]], connection: Any) -> list[Job]:
         if connection is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,6 +25,10 @@ MAX_PRIORITY = 1_000_000
 MAX_DATA_BYTES = 1024 * 1024
 #: Most jobs in one ``submit_jobs`` call (one statement).
 MAX_BATCH = 100_000
+#: Most parents one job may name in ``depends_on`` (as many as a batch, for its ``then`` job).
+MAX_PARENTS = MAX_BATCH
+#: What a parent that fails for good does to its dependents (``on_parent_failure``).
+PARENT_FAILURE_MODES = ("cancel", "run")
 #: What an insert does to the unfinished jobs of its tag (``on_tag_conflict``).
 TAG_CONFLICT_MODES = ("replace", "keep")
 #: Most dead jobs one ``dead_jobs`` call lists.
@@ -152,6 +156,23 @@ def _timeout(key: str, value: Any) -> dict[str, Any]:
     return {key: float(value)}
 
 
+def _depends_on(key: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+        raise InvalidJobError("depends_on must be a list of job ids")
+    ids = list(value)
+    if not all(_is_int(i) and i > 0 for i in ids):
+        raise InvalidJobError("depends_on must hold job ids (integers > 0)")
+    if len(ids) > MAX_PARENTS:
+        raise InvalidJobError(f"depends_on names {len(ids)} jobs; the limit is {MAX_PARENTS}")
+    return {key: ids} if ids else {}
+
+
+def _on_parent_failure(key: str, value: Any) -> dict[str, Any]:
+    if value not in PARENT_FAILURE_MODES:
+        raise InvalidJobError(f"on_parent_failure must be one of {PARENT_FAILURE_MODES}")
+    return {key: value}
+
+
 #: How each optional field is checked (``None`` means "not given"), in the order reported.
 _OPTIONAL_FIELDS: dict[str, Callable[[str, Any], dict[str, Any]]] = {
     "tag": _text,
@@ -169,6 +190,8 @@ _OPTIONAL_FIELDS: dict[str, Callable[[str, Any], dict[str, Any]]] = {
     "priority": _priority,
     "concurrency_key": _text,
     "on_tag_conflict": _on_tag_conflict,
+    "depends_on": _depends_on,
+    "on_parent_failure": _on_parent_failure,
 }
 
 

@@ -29,6 +29,11 @@ class Job:
     is the submitter's W3C trace context. See README, "Run figures" and "Tracing".
     ``progress`` is the latest progress its handler reported (``ctx.progress``), or ``None``:
     see README, "Progress".
+
+    ``depends_on`` names the jobs this one waits for (their retry chains); ``waiting_on`` is
+    how many have not finished; ``on_parent_failure`` is ``'cancel'`` or ``'run'``;
+    ``has_dependents`` says an unfinished job depends on this row. See README, "Dependencies
+    and batches".
     """
 
     id: int
@@ -73,6 +78,10 @@ class Job:
     trace_context: dict[str, Any] | None
     run_traceparent: str | None
     progress: dict[str, Any] | None = None
+    depends_on: list[int] | None = None
+    on_parent_failure: str = "cancel"
+    waiting_on: int = 0
+    has_dependents: bool = False
 
     @property
     def status(self) -> JobStatus:
@@ -83,6 +92,15 @@ class Job:
                 return "succeeded"
             return "dead" if self.dead_at is not None else "failed"
         return "pending" if self.started is None else "running"
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """What ``submit_jobs(..., then=...)`` inserted: the batch's ``jobs`` (in the order given)
+    and the ``then`` job, which depends on every one of them."""
+
+    jobs: list[Job]
+    then: Job
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Job))
@@ -106,4 +124,6 @@ USER_FIELDS: tuple[str, ...] = (
     "priority",
     "concurrency_key",
     "on_tag_conflict",
+    "depends_on",
+    "on_parent_failure",
 )

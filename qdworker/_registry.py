@@ -89,6 +89,11 @@ class Context(Protocol):
         """Send ``message`` (a JSON object) to every websocket client."""
         ...
 
+    async def parents(self) -> Mapping[int, Any]:
+        """The results of the jobs in ``job.depends_on`` by id (each retry chain's last
+        row), read with one statement on first call; empty for a job without parents."""
+        ...
+
 
 @dataclass(frozen=True)
 class CronJob:

@@ -137,6 +137,7 @@ class JobContext:
         self._finish_params = finish_params
         self._progress_writer = progress_writer
         self._progress: RunProgress | None = None  # made on the first report
+        self._parents: dict[int, Any] | None = None
 
     @property
     def fencing_token(self) -> int:
@@ -144,6 +145,22 @@ class JobContext:
         ``SELECT qdworker_run_is_current(job_id, token)`` says whether it still holds the
         job; a system of your own can refuse writes carrying an older token."""
         return self.job.claims
+
+    async def parents(self) -> Mapping[int, Any]:
+        """The results of the jobs this one depends on (``depends_on``), by the id named
+        there: the result of each parent's retry chain's last row (a parent that failed and
+        succeeded on retry gives the retry's result; one that failed for good, its error).
+        Read once, with one statement (``qdworker_parent_results``), then kept; empty for a
+        job with no parents. Database errors propagate as from ``ctx.db.execute``."""
+        if self._parents is None:
+            if not self.job.depends_on:
+                self._parents = {}
+            else:
+                rows = await self.db.execute(
+                    "SELECT parent, result FROM qdworker_parent_results(%s)", [self.job.id]
+                )
+                self._parents = {int(row["parent"]): row["result"] for row in rows}
+        return self._parents
 
     @functools.cached_property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -235,6 +252,7 @@ class AsyncioJobContext(JobContext):
         self.db = _AsyncioDatabase(base.db)  # type: ignore[assignment]
         self.notify_user = trio_asyncio.trio_as_aio(base.notify_user)  # type: ignore[method-assign]
         self.broadcast = trio_asyncio.trio_as_aio(base.broadcast)  # type: ignore[method-assign]
+        self.parents = trio_asyncio.trio_as_aio(base.parents)  # type: ignore[method-assign]
 
 
 class _AsyncioDatabase:

@@ -10,20 +10,23 @@
 INSERT INTO worker_jobs (
     tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
     auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-    timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context)
+    timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context,
+    depends_on, on_parent_failure)
 SELECT j.tag, j.type, coalesce(j.user_id, 0), coalesce(j.data, '{}'::jsonb),
        coalesce(j.due, now() + coalesce(j.delay_ms, 0) * interval '1 millisecond'),
        j.cron_schedule, coalesce(j.auto_reschedule_on_failure, false),
        coalesce(j.auto_reschedule_on_failure_delay, 0), coalesce(j.remove_delay, 0),
        coalesce(j.persistent, false), j.max_attempts, coalesce(j.backoff, 'fixed'),
        j.timeout_seconds, coalesce(j.queue, 'default'), coalesce(j.priority, 0),
-       j.concurrency_key, coalesce(j.on_tag_conflict, 'replace'), j.trace_context
+       j.concurrency_key, coalesce(j.on_tag_conflict, 'replace'), j.trace_context,
+       j.depends_on, coalesce(j.on_parent_failure, 'cancel')
   FROM jsonb_to_recordset(%(jobs)s::jsonb) AS j(
        tag text, type text, user_id bigint, data jsonb, due timestamptz, delay_ms double precision,
        cron_schedule text, auto_reschedule_on_failure boolean,
        auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
        max_attempts integer, backoff text, timeout_seconds double precision, queue text,
-       priority integer, concurrency_key text, on_tag_conflict text, trace_context jsonb)
+       priority integer, concurrency_key text, on_tag_conflict text, trace_context jsonb,
+       depends_on bigint[], on_parent_failure text)
 RETURNING *
 
 -- name: insert_jobs_per_entry
@@ -42,13 +45,15 @@ WITH entry AS MATERIALIZED (
            delay_ms double precision, cron_schedule text, auto_reschedule_on_failure boolean,
            auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
            max_attempts integer, backoff text, timeout_seconds double precision, queue text,
-           priority integer, concurrency_key text, on_tag_conflict text, trace_context jsonb)
+           priority integer, concurrency_key text, on_tag_conflict text, trace_context jsonb,
+           depends_on bigint[], on_parent_failure text)
      ORDER BY a.ord
 ), inserted AS (
     INSERT INTO worker_jobs (
         id, tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
         auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-        timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context)
+        timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context,
+        depends_on, on_parent_failure)
     OVERRIDING SYSTEM VALUE
     SELECT e.id, e.tag, e.type, coalesce(e.user_id, 0), coalesce(e.data, '{}'::jsonb),
            coalesce(e.due, now() + coalesce(e.delay_ms, 0) * interval '1 millisecond'),
@@ -56,7 +61,8 @@ WITH entry AS MATERIALIZED (
            coalesce(e.auto_reschedule_on_failure_delay, 0), coalesce(e.remove_delay, 0),
            coalesce(e.persistent, false), e.max_attempts, coalesce(e.backoff, 'fixed'),
            e.timeout_seconds, coalesce(e.queue, 'default'), coalesce(e.priority, 0),
-           e.concurrency_key, coalesce(e.on_tag_conflict, 'replace'), e.trace_context
+           e.concurrency_key, coalesce(e.on_tag_conflict, 'replace'), e.trace_context,
+           e.depends_on, coalesce(e.on_parent_failure, 'cancel')
       FROM entry AS e
      ORDER BY e.ord
     RETURNING *
@@ -71,7 +77,8 @@ SELECT i.*
 INSERT INTO worker_jobs (
     tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
     auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
-    timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context)
+    timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context,
+    depends_on, on_parent_failure)
 VALUES (%(tag)s::text, %(type)s::text, coalesce(%(user_id)s::bigint, 0),
         coalesce(%(data)s::jsonb, '{}'::jsonb),
         coalesce(%(due)s::timestamptz,
@@ -82,8 +89,64 @@ VALUES (%(tag)s::text, %(type)s::text, coalesce(%(user_id)s::bigint, 0),
         %(max_attempts)s::integer, coalesce(%(backoff)s::text, 'fixed'),
         %(timeout_seconds)s::float8, coalesce(%(queue)s::text, 'default'),
         coalesce(%(priority)s::integer, 0), %(concurrency_key)s::text,
-        coalesce(%(on_tag_conflict)s::text, 'replace'), %(trace_context)s::jsonb)
+        coalesce(%(on_tag_conflict)s::text, 'replace'), %(trace_context)s::jsonb,
+        %(depends_on)s::bigint[], coalesce(%(on_parent_failure)s::text, 'cancel'))
 RETURNING *
+
+-- name: insert_jobs_then
+-- A batch (%(jobs)s, as insert_jobs) and one job (%(then)s, one object of the same fields)
+-- that depends on every job of it, in one statement (one round trip, one transaction). Its
+-- depends_on is the batch's ids (plus any the object names). Returns the batch's rows, then
+-- the dependent's last (``is_then``).
+WITH batch AS (
+    INSERT INTO worker_jobs (
+        tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
+        auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
+        timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context,
+        depends_on, on_parent_failure)
+    SELECT j.tag, j.type, coalesce(j.user_id, 0), coalesce(j.data, '{}'::jsonb),
+           coalesce(j.due, now() + coalesce(j.delay_ms, 0) * interval '1 millisecond'),
+           j.cron_schedule, coalesce(j.auto_reschedule_on_failure, false),
+           coalesce(j.auto_reschedule_on_failure_delay, 0), coalesce(j.remove_delay, 0),
+           coalesce(j.persistent, false), j.max_attempts, coalesce(j.backoff, 'fixed'),
+           j.timeout_seconds, coalesce(j.queue, 'default'), coalesce(j.priority, 0),
+           j.concurrency_key, coalesce(j.on_tag_conflict, 'replace'), j.trace_context,
+           j.depends_on, coalesce(j.on_parent_failure, 'cancel')
+      FROM jsonb_to_recordset(%(jobs)s::jsonb) AS j(
+           tag text, type text, user_id bigint, data jsonb, due timestamptz,
+           delay_ms double precision, cron_schedule text, auto_reschedule_on_failure boolean,
+           auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
+           max_attempts integer, backoff text, timeout_seconds double precision, queue text,
+           priority integer, concurrency_key text, on_tag_conflict text, trace_context jsonb,
+           depends_on bigint[], on_parent_failure text)
+    RETURNING *
+), then_job AS (
+    INSERT INTO worker_jobs (
+        tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
+        auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
+        timeout_seconds, queue, priority, concurrency_key, on_tag_conflict, trace_context,
+        depends_on, on_parent_failure)
+    SELECT j.tag, j.type, coalesce(j.user_id, 0), coalesce(j.data, '{}'::jsonb),
+           coalesce(j.due, now() + coalesce(j.delay_ms, 0) * interval '1 millisecond'),
+           j.cron_schedule, coalesce(j.auto_reschedule_on_failure, false),
+           coalesce(j.auto_reschedule_on_failure_delay, 0), coalesce(j.remove_delay, 0),
+           coalesce(j.persistent, false), j.max_attempts, coalesce(j.backoff, 'fixed'),
+           j.timeout_seconds, coalesce(j.queue, 'default'), coalesce(j.priority, 0),
+           j.concurrency_key, coalesce(j.on_tag_conflict, 'replace'), j.trace_context,
+           coalesce(j.depends_on, '{}') || (SELECT array_agg(b.id ORDER BY b.id) FROM batch AS b),
+           coalesce(j.on_parent_failure, 'cancel')
+      FROM jsonb_to_record(%(then)s::jsonb) AS j(
+           tag text, type text, user_id bigint, data jsonb, due timestamptz,
+           delay_ms double precision, cron_schedule text, auto_reschedule_on_failure boolean,
+           auto_reschedule_on_failure_delay bigint, remove_delay bigint, persistent boolean,
+           max_attempts integer, backoff text, timeout_seconds double precision, queue text,
+           priority integer, concurrency_key text, on_tag_conflict text, trace_context jsonb,
+           depends_on bigint[], on_parent_failure text)
+    RETURNING *
+)
+SELECT *, false AS is_then FROM batch
+UNION ALL
+SELECT *, true AS is_then FROM then_job
 
 -- name: tag_holders
 -- The newest unfinished (pending or running) job of each of %(tags)s: the jobs keep-mode

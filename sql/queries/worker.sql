@@ -63,6 +63,8 @@ WITH RECURSIVE queues(name) AS (
          WHERE j.queue = o.name AND j.started IS NULL AND j.finished IS NULL
            AND (qdworker_run_order(j.due, j.priority), j.id) > (o.after_order, o.after_id)
            AND j.due <= now() AND j.type = ANY(%(types)s::text[])
+           -- Jobs waiting on parents (due 9999-01-01, 0012) end the scan: an index bound.
+           AND qdworker_run_order(j.due, j.priority) < '9000-01-01'::timestamp
          ORDER BY qdworker_run_order(j.due, j.priority), j.id
          LIMIT %(limit)s
            FOR UPDATE SKIP LOCKED) AS p
@@ -122,6 +124,7 @@ SELECT EXISTS (SELECT 1 FROM worker_queues AS w
 SELECT extract(epoch FROM least(
            (SELECT min(due) FROM worker_jobs  -- due > created_at: worker_jobs_scheduled_idx
              WHERE started IS NULL AND finished IS NULL AND due > created_at AND due > now()
+               AND due < '9000-01-01+00'  -- not the jobs waiting on parents (0012)
                AND type = ANY(%(types)s::text[])
                AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))),
            (SELECT min(lease_expires_at) FROM worker_jobs
@@ -220,7 +223,8 @@ WITH outcome AS (
         tag, type, user_id, data, due, cron_schedule, auto_reschedule_on_failure,
         auto_reschedule_on_failure_delay, remove_delay, persistent, max_attempts, backoff,
         timeout_seconds, queue, priority, concurrency_key, on_tag_conflict,
-        rescheduled_from_job, attempt, trace_context)
+        rescheduled_from_job, attempt, trace_context, depends_on, on_parent_failure,
+        has_dependents)
     SELECT d.tag, d.type, d.user_id, d.data,
            coalesce(s.due, now() + s.delay_ms * interval '1 millisecond'),
            d.cron_schedule, d.auto_reschedule_on_failure, d.auto_reschedule_on_failure_delay,
@@ -231,7 +235,10 @@ WITH outcome AS (
            nullif(jsonb_strip_nulls(
                       CASE WHEN s.due IS NULL THEN coalesce(d.trace_context, '{}') - 'previous'
                            ELSE '{}'::jsonb END
-                      || jsonb_build_object('previous', d.run_traceparent)), '{}'::jsonb)
+                      || jsonb_build_object('previous', d.run_traceparent)), '{}'::jsonb),
+           -- A retry continues its chain for the jobs depending on it (0012); a cron tick
+           -- after a success starts a new one.
+           d.depends_on, d.on_parent_failure, d.has_dependents AND NOT d.success
       FROM jsonb_to_recordset(%(successors)s::jsonb)
            AS s(from_id bigint, due timestamptz, delay_ms double precision, attempt integer)
       JOIN done AS d ON d.id = s.from_id

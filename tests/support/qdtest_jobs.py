@@ -180,3 +180,35 @@ async def pid_sleep(ctx: Any) -> None:
     """Write this process's pid to ``data.pid_file``, then sleep ``data.seconds`` (60)."""
     await trio.Path(ctx.job.data["pid_file"]).write_text(f"{os.getpid()}\n")
     await trio.sleep(float(ctx.job.data.get("seconds", 60)))
+
+
+@job("merge")
+async def merge(ctx: Any) -> dict[str, Any]:
+    """A dependent: records its run, and returns what it read of its parents' results."""
+    await ctx.db.execute(
+        "INSERT INTO test_runs (job_id, worker_id) VALUES (%s, %s)", (ctx.job.id, ctx.worker_id)
+    )
+    parents = await ctx.parents()
+    values = [r.get("v") if isinstance(r, dict) else None for r in parents.values()]
+    return {
+        "n": len(parents),
+        "values": sorted(v for v in values if v is not None),
+        "parents": {str(k): v for k, v in parents.items()},
+    }
+
+
+@job("flaky")
+async def flaky(ctx: Any) -> dict[str, Any]:
+    """Fails on its first attempt, succeeds on the next."""
+    if ctx.job.attempt < 2:
+        raise RuntimeError("first attempt fails")
+    return {"v": ctx.job.data.get("v"), "attempt": ctx.job.attempt}
+
+
+@job("tally")
+async def tally(ctx: Any) -> dict[str, Any]:
+    """A parent: records which worker ran it; returns its ``v``."""
+    await ctx.db.execute(
+        "INSERT INTO test_runs (job_id, worker_id) VALUES (%s, %s)", (ctx.job.id, ctx.worker_id)
+    )
+    return {"v": ctx.job.data.get("v")}
