@@ -5,13 +5,13 @@ back, in a real supervisor process."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from chaos import FAULT_SETTINGS
 from procs import running, start_supervisor
+from waiting import wait_until
 
 from qdworker.testing import PostgresServer
 from qdworker.testing._ports import release_port, reserve_port
@@ -28,14 +28,10 @@ def _get(port: int, path: str) -> tuple[int, str]:
 
 
 def _until(port: int, path: str, status: int, timeout: float = 30.0) -> str:
-    deadline = time.monotonic() + timeout
-    seen: tuple[int, str] = (0, "")
-    while time.monotonic() < deadline:
-        seen = _get(port, path)
-        if seen[0] == status:
-            return seen[1]
-        time.sleep(0.1)
-    raise AssertionError(f"{path} never answered {status} within {timeout} s; last: {seen}")
+    """The body of ``path`` once it answers ``status``."""
+    seen = wait_until(lambda: (got := _get(port, path))[0] == status and got, timeout,
+                      what=f"{path} to answer {status}")  # fmt: skip
+    return seen[1]
 
 
 def test_readyz_turns_503_while_postgres_is_stopped(

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import psycopg
 import trio
+from waiting import wait_until_async
 
 from qdworker import Config, Manager, serve
 from qdworker._benchmark import jobs as _bench_jobs  # noqa: F401  (the noop type)
@@ -231,12 +232,13 @@ async def test_overview_reads_throughput_pickup_and_workers(db_url: str, sql: An
         assert (bucket["succeeded"], bucket["failed"]) == (9, 2)
         assert d["pickup"]["p50_ms"] == 10 and d["pickup"]["p95_ms"] is None
         assert d["pickup"]["over_last_bound"] == ["p95_ms"]
+
+        async def listed() -> Any:
+            workers = (await client.get("/api/workers", headers=VIEWER)).json()
+            return workers if workers["workers"] else None
+
         with trio.fail_after(15):
-            while True:
-                workers = (await client.get("/api/workers", headers=VIEWER)).json()
-                if workers["workers"]:
-                    break
-                await trio.sleep(0.1)
+            workers = await wait_until_async(listed)
         assert workers["supervisors"] and workers["workers"][0]["pid"] > 0
 
 

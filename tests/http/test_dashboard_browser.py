@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from procs import ROOT, running, start_supervisor, wait_for
 from psycopg.rows import dict_row
+from waiting import wait_until
 
 from qdworker._events.tokens import mint
 
@@ -63,17 +64,16 @@ def site(db_url: str, tmp_path: Path) -> Iterator[str]:
         QDWORKER_WS_SECRET=SECRET, WORKER_COUNT="1",
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (tmp_path / "supervisor.log").read_text()
+        try:
+            return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
     with running(proc):
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "supervisor.log").read_text()
-            assert proc.poll() is None, (tmp_path / "supervisor.log").read_text()
-            time.sleep(0.1)
+        wait_until(ready, 20, what="the dashboard's supervisor to be ready")
         yield base
 
 

@@ -7,17 +7,18 @@ import sys
 
 import httpx
 import trio
+from waiting import wait_until_async
 
 from qdworker import Config, Manager, serve
 
 
 async def _ready(client: httpx.AsyncClient, within: float = 15.0) -> httpx.Response:
-    with trio.move_on_after(within):
-        while True:
-            response = await client.get("/readyz")
-            if response.status_code == 200:
-                return response
-            await trio.sleep(0.05)
+    async def ready() -> httpx.Response | None:
+        response = await client.get("/readyz")
+        return response if response.status_code == 200 else None
+
+    with trio.fail_after(within):
+        response: httpx.Response = await wait_until_async(ready)
     return response
 
 

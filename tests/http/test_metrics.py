@@ -18,6 +18,7 @@ import psycopg
 import pytest
 import trio
 from psycopg.rows import dict_row
+from waiting import wait_until_async
 
 from qdworker import Config, Manager, serve
 
@@ -67,11 +68,7 @@ def _scraped(text: str) -> dict[str, dict[tuple[str, str], int]]:
 
 async def _until(check: Any, what: str) -> Any:
     with trio.move_on_after(WAIT_SECONDS):
-        while True:
-            value = await check()
-            if value:
-                return value
-            await trio.sleep(0.2)
+        return await wait_until_async(check)
     raise AssertionError(f"timed out waiting for {what}")
 
 
