@@ -378,8 +378,10 @@ function route() {
   }
   document.title = `${view.title} · qdworker`;
   showAlert("");
-  const el = $("view");
-  el.replaceChildren();
+  // Each view renders into a container of its own: a refresh of the view before, still in
+  // flight, then writes into a detached node instead of over this one.
+  const el = h("div");
+  $("view").replaceChildren(el);
   view.mount(el, new URLSearchParams(search || ""), parts[1]);
   current = view;
   refresh();
