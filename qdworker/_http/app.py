@@ -65,8 +65,9 @@ class HttpState:
     #: Tasks the route modules need while the app runs (e.g. the dashboard's live feed):
     #: started with the app, cancelled when it stops. Each must end only when cancelled.
     background: list[Callable[[], Awaitable[None]]] = field(init=False, default_factory=list)
-    #: Where handlers may start work that outlives their request (cancelled when the server
-    #: stops); ``None``: they do the work inline.
+    #: Where handlers may start work that outlives their request: the app's own nursery, the
+    #: one the background tasks run in (cancelled when the server stops); ``None`` before the
+    #: app starts: they do the work inline.
     nursery: trio.Nursery | None = None
 
     def __post_init__(self) -> None:
@@ -93,6 +94,7 @@ def build_app(state: HttpState) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with trio.open_nursery() as nursery:
+            state.nursery = nursery
             for task in state.background:
                 nursery.start_soon(task)
             yield

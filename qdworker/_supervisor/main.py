@@ -265,11 +265,8 @@ async def _serve_http(
     """The HTTP surface (:mod:`qdworker._http`) until cancelled; ``started(bound_port)``."""
     state = http_app.HttpState(manager.config, manager.url, options, manager)
     try:
-        async with trio.open_nursery() as state.nursery:  # e.g. metrics reading Postgres
-            app, config = http_app.build_app(state), manager.config
-            await http_server.serve(
-                app, config.http_host, config.http_port, task_status=task_status
-            )
+        app, config = http_app.build_app(state), manager.config
+        await http_server.serve(app, config.http_host, config.http_port, task_status=task_status)
     finally:
         with trio.CancelScope(shield=True):
             await state.aclose()
